@@ -1,0 +1,456 @@
+//! Configuration: parsed and validated once, at start.
+//!
+//! Sources, strongest first: command-line flags, `WEIR_*` environment variables, the TOML file,
+//! built-in defaults. Every field has a default, so an empty file (or none) is a valid config.
+//! A bad value fails with [`ConfigError`], whose message names the field and the fix; `main`
+//! turns it into exit code 64 (`EX_USAGE`).
+//!
+//! ```toml
+//! nats_url = "nats://127.0.0.1:4222"
+//! http_addr = "127.0.0.1:9090"
+//! partitions = 16
+//! [limits.default]
+//! rate = "20/s"        # N/s, N/m or N/h
+//! burst = 1            # jobs that may leave back to back
+//! [limits.keys.acme]
+//! rate = "100/s"
+//! burst = 10
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::job;
+
+/// The exit code for an invalid configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Why a configuration was refused: each variant names the field and says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for weir: {message}")]
+    Parse { path: String, message: String },
+    #[error("`{field}` = {value:?} is invalid: {fix}")]
+    Invalid {
+        field: String,
+        value: String,
+        fix: &'static str,
+    },
+}
+
+impl ConfigError {
+    fn invalid(field: impl Into<String>, value: impl ToString, fix: &'static str) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            value: value.to_string(),
+            fix,
+        }
+    }
+}
+
+/// A rate: `count` jobs per `per`. Parsed from `"N/s"`, `"N/m"` or `"N/h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// The emission interval T = per / count: one job every T.
+    pub fn period(&self) -> Duration {
+        self.per / self.count
+    }
+
+    /// Jobs per second, for display and for sizing the in-memory horizon.
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.count) / self.per.as_secs_f64()
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const FIX: &str = "write a whole number of jobs per unit, e.g. \"40/s\", \"600/m\" or \"5000/h\" (at least 1, at most 1000000000/s)";
+        let (n, unit) = s.trim().split_once('/').ok_or(FIX)?;
+        let count: u32 = n.trim().parse().map_err(|_| FIX)?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(FIX),
+        };
+        if count == 0 || count > 1_000_000_000 {
+            return Err(FIX);
+        }
+        Ok(Rate { count, per })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{}", self.count, unit)
+    }
+}
+
+/// One limit: a rate and the number of jobs that may leave back to back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+impl Default for Limit {
+    fn default() -> Self {
+        Limit {
+            rate: Rate {
+                count: 20,
+                per: Duration::from_secs(1),
+            },
+            burst: 1,
+        }
+    }
+}
+
+/// The validated configuration of a Weir process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where NATS is. `None` only for `weir demo`, which then starts a local nats-server.
+    pub nats_url: Option<String>,
+    /// Admin HTTP listener: `/healthz`, `/readyz`.
+    pub http_addr: SocketAddr,
+    /// How many partitions the key space is hashed into; each has its own consumer and task.
+    /// Changing it re-maps keys, so it is fixed for the life of the `WEIR_JOBS` stream.
+    pub partitions: u16,
+    pub default_limit: Limit,
+    pub key_limits: BTreeMap<String, Limit>,
+    /// How far ahead a key's jobs are held in memory; the rest is parked. Must sit well inside
+    /// `ack_wait`, since held jobs are unacked.
+    pub horizon: Duration,
+    /// JetStream ack wait of the partition consumers.
+    pub ack_wait: Duration,
+    /// Most jobs held unacked per partition (the consumer's `max_ack_pending`).
+    pub max_held_per_partition: u32,
+    /// Release publishes awaiting their JetStream ack, per partition.
+    pub publish_window: u32,
+    /// How long a shutdown may take before in-flight work is abandoned to redelivery.
+    pub shutdown_grace: Duration,
+    /// Stream replicas for the streams Weir creates (1 for a single server, 3 in a cluster).
+    pub replicas: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats_url: None,
+            http_addr: "127.0.0.1:9090".parse().expect("static address"),
+            partitions: 16,
+            default_limit: Limit::default(),
+            key_limits: BTreeMap::new(),
+            horizon: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
+            max_held_per_partition: 20_000,
+            publish_window: 512,
+            shutdown_grace: Duration::from_secs(20),
+            replicas: 1,
+        }
+    }
+}
+
+/// The file's shape; every field optional so defaults fill the gaps.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    nats_url: Option<String>,
+    http_addr: Option<String>,
+    partitions: Option<i64>,
+    horizon_ms: Option<i64>,
+    ack_wait_ms: Option<i64>,
+    max_held_per_partition: Option<i64>,
+    publish_window: Option<i64>,
+    shutdown_grace_ms: Option<i64>,
+    replicas: Option<i64>,
+    #[serde(default)]
+    limits: FileLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    default: Option<FileLimit>,
+    #[serde(default)]
+    keys: BTreeMap<String, FileLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimit {
+    rate: String,
+    burst: Option<i64>,
+}
+
+/// Values that override the file: flags and environment, already merged by clap.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub nats_url: Option<String>,
+    pub http_addr: Option<String>,
+}
+
+impl Config {
+    /// Loads `path` (if given), applies `overrides` and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let name = path.map_or("<none>".into(), |p| p.display().to_string());
+        Config::from_toml(&text, &name, overrides)
+    }
+
+    /// Parses and validates TOML text (`name` is used in error messages).
+    pub fn from_toml(text: &str, name: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.message().to_string(),
+        })?;
+        let mut c = Config::default();
+        c.nats_url = overrides.nats_url.clone().or(file.nats_url);
+        if let Some(url) = &c.nats_url {
+            if url.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    "nats_url",
+                    url,
+                    "give a NATS URL such as \"nats://127.0.0.1:4222\"",
+                ));
+            }
+        }
+        if let Some(addr) = overrides.http_addr.clone().or(file.http_addr) {
+            c.http_addr = addr.parse().map_err(|_| {
+                ConfigError::invalid(
+                    "http_addr",
+                    &addr,
+                    "give an IP address and port such as \"127.0.0.1:9090\" or \"0.0.0.0:9090\"",
+                )
+            })?;
+        }
+        if let Some(p) = file.partitions {
+            c.partitions = in_range(
+                "partitions",
+                p,
+                1,
+                1024,
+                "use a whole number from 1 to 1024",
+            )? as u16;
+        }
+        let ms = |field: &str, v: Option<i64>, d: Duration, lo: i64, hi: i64, fix: &'static str| {
+            v.map_or(Ok(d), |v| {
+                in_range(field, v, lo, hi, fix).map(|v| Duration::from_millis(v as u64))
+            })
+        };
+        c.horizon = ms(
+            "horizon_ms",
+            file.horizon_ms,
+            c.horizon,
+            100,
+            600_000,
+            "use milliseconds from 100 to 600000, well below ack_wait_ms",
+        )?;
+        c.ack_wait = ms(
+            "ack_wait_ms",
+            file.ack_wait_ms,
+            c.ack_wait,
+            1_000,
+            3_600_000,
+            "use milliseconds from 1000 to 3600000",
+        )?;
+        c.shutdown_grace = ms(
+            "shutdown_grace_ms",
+            file.shutdown_grace_ms,
+            c.shutdown_grace,
+            0,
+            3_600_000,
+            "use milliseconds from 0 to 3600000",
+        )?;
+        if c.horizon * 2 > c.ack_wait {
+            return Err(ConfigError::invalid(
+                "horizon_ms",
+                c.horizon.as_millis(),
+                "held jobs are unacked: keep horizon_ms at most half of ack_wait_ms",
+            ));
+        }
+        if let Some(v) = file.max_held_per_partition {
+            c.max_held_per_partition = in_range(
+                "max_held_per_partition",
+                v,
+                1,
+                1_000_000,
+                "use a whole number from 1 to 1000000",
+            )? as u32;
+        }
+        if let Some(v) = file.publish_window {
+            c.publish_window = in_range(
+                "publish_window",
+                v,
+                1,
+                65_536,
+                "use a whole number from 1 to 65536",
+            )? as u32;
+        }
+        if let Some(v) = file.replicas {
+            c.replicas = in_range(
+                "replicas",
+                v,
+                1,
+                5,
+                "use 1 for a single nats-server, 3 or 5 in a cluster",
+            )? as usize;
+        }
+        if let Some(d) = file.limits.default {
+            c.default_limit = parse_limit("limits.default", &d)?;
+        }
+        for (key, l) in &file.limits.keys {
+            if let Err(reason) = job::check_token(key) {
+                return Err(ConfigError::Invalid {
+                    field: format!("limits.keys.{key}"),
+                    value: key.clone(),
+                    fix: reason.fix(),
+                });
+            }
+            c.key_limits
+                .insert(key.clone(), parse_limit(&format!("limits.keys.{key}"), l)?);
+        }
+        Ok(c)
+    }
+}
+
+fn in_range(field: &str, v: i64, lo: i64, hi: i64, fix: &'static str) -> Result<i64, ConfigError> {
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::invalid(field, v, fix))
+    }
+}
+
+fn parse_limit(field: &str, l: &FileLimit) -> Result<Limit, ConfigError> {
+    let rate = l
+        .rate
+        .parse()
+        .map_err(|fix| ConfigError::invalid(format!("{field}.rate"), &l.rate, fix))?;
+    let burst = match l.burst {
+        None => 1,
+        Some(b) => in_range(
+            &format!("{field}.burst"),
+            b,
+            1,
+            1_000_000,
+            "use a whole number of jobs from 1 to 1000000",
+        )? as u32,
+    };
+    Ok(Limit { rate, burst })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, "test.toml", &Overrides::default())
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = load(
+            r#"
+nats_url = "nats://127.0.0.1:4222"
+http_addr = "127.0.0.1:9090"
+partitions = 16
+[limits.default]
+rate = "20/s"
+burst = 1
+[limits.keys.acme]
+rate = "100/s"
+burst = 10
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.partitions, 16);
+        assert_eq!(c.default_limit.rate.count, 20);
+        assert_eq!(c.key_limits["acme"].burst, 10);
+        assert_eq!(
+            c.key_limits["acme"].rate.period(),
+            Duration::from_millis(10)
+        );
+    }
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c.partitions, 16);
+        assert_eq!(c.default_limit, Limit::default());
+        assert!(c.nats_url.is_none());
+    }
+
+    #[test]
+    fn rates_parse_per_unit() {
+        assert_eq!(
+            "600/m".parse::<Rate>().unwrap().period(),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            "3600/h".parse::<Rate>().unwrap().period(),
+            Duration::from_secs(1)
+        );
+        for bad in ["0/s", "10", "ten/s", "10/d", "-1/s", "1e99/s", ""] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_fix() {
+        let e = load("[limits.keys.acme]\nrate = \"fast\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.keys.acme.rate") && e.contains("e.g."),
+            "{e}"
+        );
+        let e = load("partitions = 0").unwrap_err().to_string();
+        assert!(e.contains("partitions") && e.contains("1 to 1024"), "{e}");
+        let e = load("http_addr = \"nowhere\"").unwrap_err().to_string();
+        assert!(e.contains("http_addr"), "{e}");
+        let e = load("colour = 1").unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = load("[limits.default]\nrate = \"1/s\"\nburst = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.default.burst"), "{e}");
+    }
+
+    #[test]
+    fn flags_and_env_beat_the_file() {
+        let o = Overrides {
+            nats_url: Some("nats://flag:4222".into()),
+            http_addr: Some("0.0.0.0:1".into()),
+        };
+        let c = Config::from_toml("nats_url = \"nats://file:4222\"", "t", &o).unwrap();
+        assert_eq!(c.nats_url.as_deref(), Some("nats://flag:4222"));
+        assert_eq!(c.http_addr.port(), 1);
+    }
+}

@@ -1,0 +1,84 @@
+//! Dead letters: jobs Weir cannot handle go to `WEIR_DEAD` with a `Weir-Dead-Reason` header,
+//! never silently away.
+//!
+//! Subjects that are not `jobs.<destination>.<key>` are not rewritten by the partition transform,
+//! so they stay under `jobs.>` in `WEIR_JOBS`; the triage consumer (filter `jobs.>`) sees exactly
+//! those, and moves each to `dead.invalid`, acking it only once the dead letter is stored.
+
+use async_nats::header::HeaderMap;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{AckKind, Context};
+use futures::StreamExt;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{self, header, DeadReason};
+use crate::release::Pipeline;
+
+/// A dead letter's headers: the producer's, plus the reason and the subject the job came on.
+pub fn headers(
+    producer: Option<HeaderMap>,
+    subject: &str,
+    reason: &DeadReason,
+    seq: u64,
+) -> HeaderMap {
+    let mut h = producer.unwrap_or_default();
+    if h.get(header::MSG_ID).is_none() {
+        h.insert(header::MSG_ID, job::derived_msg_id(seq));
+    }
+    h.insert(header::DEAD_REASON, reason.to_string());
+    h.insert(header::SUBJECT, subject);
+    h
+}
+
+/// Dead-letters every message of the triage consumer until `cancel`.
+pub async fn triage(js: Context, consumer: PullConsumer, cancel: CancellationToken) {
+    let mut pubs: Pipeline<async_nats::jetstream::message::Acker> = Pipeline::new(js, 64);
+    'bind: while !cancel.is_cancelled() {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "binding the triage consumer failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'bind,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'bind,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break 'bind,
+                Some((res, acker)) = pubs.next(), if !pubs.is_empty() => settle(res.is_ok(), acker).await,
+                m = messages.next(), if !pubs.is_full() => match m {
+                    Some(Ok(m)) => {
+                        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        let (msg, acker) = m.split();
+                        let reason = job::triage(&msg.subject);
+                        tracing::info!(subject = %msg.subject, %reason, "dead-lettering a job");
+                        let h = headers(msg.headers, &msg.subject, &reason, seq);
+                        if let Err((_, acker)) = pubs.publish(job::dead_subject(None), h, msg.payload, acker).await {
+                            settle(false, acker).await;
+                        }
+                    }
+                    Some(Err(e)) => tracing::debug!(error = %e, "triage stream error"),
+                    None => continue 'bind,
+                },
+            }
+        }
+    }
+    while let Some((res, acker)) = pubs.next().await {
+        settle(res.is_ok(), acker).await;
+    }
+}
+
+async fn settle(ok: bool, acker: async_nats::jetstream::message::Acker) {
+    let kind = if ok {
+        AckKind::Ack
+    } else {
+        AckKind::Nak(Some(Duration::from_secs(1)))
+    };
+    if let Err(e) = acker.ack_with(kind).await {
+        tracing::debug!(error = %e, "settling a triaged job failed; it will be redelivered");
+    }
+}

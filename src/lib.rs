@@ -1,0 +1,43 @@
+//! Weir: a rate-limited queueing pipeline on NATS JetStream.
+//!
+//! Producers publish jobs to `jobs.<destination>.<key>`; Weir releases each key's jobs at that
+//! key's rate (GCRA: rate plus burst) to `released.<destination>.<key>`, keeps every job, and acks
+//! a source job only after its release is durably stored.
+//!
+//! # Layout
+//! The modules, in the order a job meets them:
+//! - [`config`]: the configuration, parsed and validated once at start.
+//! - [`streams`]: the JetStream topology (`WEIR_JOBS`, `WEIR_RELEASED`, `WEIR_PARK`, `WEIR_DEAD`).
+//! - [`job`]: subjects, headers and the naming contract.
+//! - [`partition`]: one task per partition: ingest from its consumer, carry out the scheduler's decisions.
+//! - [`scheduler`]: per-key queues and timers: release, hold or park (pure logic).
+//! - [`limits`]: which limit applies to a key.
+//! - [`limiter`]: per-key GCRA buckets (governor) on a monotonic clock.
+//! - [`park`]: the durable overflow for keys beyond their in-memory horizon.
+//! - [`release`]: pipelined publishing and the released job's headers.
+//! - [`dead`]: dead letters for jobs Weir cannot handle.
+//! - [`admin`]: health and readiness over HTTP.
+//! - [`signal`]: the shutdown signal.
+//! - [`natsd`], [`load`], [`demo`], [`bench`]: a local nats-server, the load generator, the demo and
+//!   the end-to-end benchmark.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod bench;
+pub mod config;
+pub mod dead;
+pub mod demo;
+pub mod job;
+pub mod limiter;
+pub mod limits;
+pub mod load;
+pub mod natsd;
+pub mod park;
+pub mod partition;
+pub mod release;
+pub mod scheduler;
+pub mod signal;
+pub mod streams;
+
+mod server;
+pub use server::{connect, run, RunError};

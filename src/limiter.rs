@@ -1,0 +1,173 @@
+//! Per-key GCRA buckets, by [`governor`].
+//!
+//! Why one governor *direct* limiter per key rather than governor's keyed limiter: a keyed
+//! `RateLimiter` has a single quota for every key, while each Weir key has its own rate and burst
+//! (and, later, limits that change at runtime). The partition task already owns a map of per-key
+//! state, so the bucket lives inside it: one hash lookup per job, no lock (governor's state is a
+//! single `AtomicU64` touched by one task), 32 bytes per key.
+//!
+//! Why a quota is built with [`Quota::with_period`] + `allow_burst`: `Quota::per_second(n)` silently
+//! sets the burst to `n`, and Weir's contract is "at most `burst + floor(t / T)` releases in any
+//! window of length `t`", with `burst` configured on its own.
+//!
+//! Time is monotonic and injectable: [`MonoClock`] reads `tokio::time::Instant`, so tests drive it
+//! with `tokio::time::pause`/`advance`, and a wall-clock step never moves a rate.
+
+use std::num::NonZeroU32;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+use crate::config::Limit;
+
+/// A monotonic clock on tokio's time source, as nanoseconds since the first reading in this
+/// process. Zero-sized, so it costs nothing per key.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MonoClock;
+
+/// Nanoseconds on the monotonic clock shared by every bucket and timer in the process.
+pub fn now() -> Nanos {
+    static ORIGIN: OnceLock<tokio::time::Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
+    Nanos::new(
+        tokio::time::Instant::now()
+            .saturating_duration_since(origin)
+            .as_nanos() as u64,
+    )
+}
+
+/// The tokio instant matching a reading of [`now`], for timers.
+pub fn instant_at(at: Nanos) -> tokio::time::Instant {
+    let n = now();
+    let base = tokio::time::Instant::now();
+    if at > n {
+        base + Duration::from_nanos(at.as_u64() - n.as_u64())
+    } else {
+        base
+    }
+}
+
+impl Clock for MonoClock {
+    type Instant = Nanos;
+    fn now(&self) -> Nanos {
+        now()
+    }
+}
+
+/// The governor quota for a Weir limit: one job every `T = per / count`, `burst` back to back.
+pub fn quota(limit: &Limit) -> Quota {
+    let period = limit.rate.period().max(Duration::from_nanos(1));
+    Quota::with_period(period)
+        .expect("period is non-zero")
+        .allow_burst(NonZeroU32::new(limit.burst.max(1)).expect("burst >= 1"))
+}
+
+/// One key's GCRA state.
+#[derive(Debug)]
+pub struct Bucket<C: Clock<Instant = Nanos> = MonoClock> {
+    limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<Nanos>>,
+    /// `burst * T`: how long after its last release a bucket is certainly full again (then an
+    /// idle key's state may be forgotten without changing any future decision).
+    refill: Nanos,
+}
+
+impl Bucket<MonoClock> {
+    pub fn new(limit: &Limit) -> Self {
+        Bucket::with_clock(limit, MonoClock)
+    }
+}
+
+impl<C: Clock<Instant = Nanos>> Bucket<C> {
+    pub fn with_clock(limit: &Limit, clock: C) -> Self {
+        let refill = limit.rate.period().saturating_mul(limit.burst.max(1));
+        Bucket {
+            limiter: RateLimiter::direct_with_clock(quota(limit), clock),
+            refill: Nanos::from(refill),
+        }
+    }
+
+    /// Takes one token if there is one; otherwise says when the next one is due.
+    #[inline]
+    pub fn try_take(&self) -> Result<(), Nanos> {
+        self.limiter
+            .check()
+            .map_err(|not_until| not_until.earliest_possible())
+    }
+
+    /// When a bucket whose last release was at `last` is full again.
+    pub fn full_at(&self, last: Nanos) -> Nanos {
+        last + self.refill
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Rate;
+    use governor::clock::FakeRelativeClock;
+    use proptest::prelude::*;
+
+    fn limit(count: u32, per_ms: u64, burst: u32) -> Limit {
+        Limit {
+            rate: Rate {
+                count,
+                per: Duration::from_millis(per_ms),
+            },
+            burst,
+        }
+    }
+
+    #[test]
+    fn burst_then_one_per_period() {
+        let clock = FakeRelativeClock::default();
+        let b = Bucket::with_clock(&limit(10, 1000, 3), clock.clone());
+        for _ in 0..3 {
+            assert!(b.try_take().is_ok());
+        }
+        let due = b.try_take().unwrap_err();
+        assert_eq!(due.as_u64(), 100_000_000);
+        clock.advance(Duration::from_millis(100));
+        assert!(b.try_take().is_ok());
+        assert!(b.try_take().is_err());
+    }
+
+    #[test]
+    fn a_bucket_is_full_after_burst_periods() {
+        let b = Bucket::with_clock(&limit(10, 1000, 4), FakeRelativeClock::default());
+        assert_eq!(b.full_at(Nanos::new(0)).as_u64(), 400_000_000);
+    }
+
+    proptest! {
+        /// The contract: in any window of length t, at most burst + floor(t / T) releases; and a
+        /// key asking at every due time gets exactly its rate.
+        #[test]
+        fn gcra_window_bound(count in 1u32..300, burst in 1u32..20, steps in prop::collection::vec(0u64..5_000_000, 1..200)) {
+            let clock = FakeRelativeClock::default();
+            let l = limit(count, 1000, burst);
+            let t = l.rate.period().as_nanos() as u64;
+            let b = Bucket::with_clock(&l, clock.clone());
+            let mut now = 0u64;
+            let mut granted = Vec::new();
+            for step in steps {
+                clock.advance(Duration::from_nanos(step));
+                now += step;
+                while b.try_take().is_ok() {
+                    granted.push(now);
+                }
+            }
+            // Check every window that starts at a grant.
+            for (i, &start) in granted.iter().enumerate() {
+                for (j, &end) in granted.iter().enumerate().skip(i) {
+                    let n = (j - i + 1) as u64;
+                    let bound = u64::from(burst) + (end - start) / t;
+                    prop_assert!(n <= bound, "{n} grants in {}ns, bound {bound}", end - start);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The `weir` binary: parse the command line, start tracing, hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use weir::config::{Config, Overrides, EXIT_CONFIG};
+
+#[derive(Parser)]
+#[command(
+    name = "weir",
+    version,
+    about = "Rate-limited queueing on NATS JetStream"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the throttler.
+    Run(RunArgs),
+    /// Start a local nats-server (unless --nats-url is given), Weir and a flood of three keys,
+    /// and show throttling live.
+    Demo(weir::demo::DemoArgs),
+    /// Publish jobs: keys, rate, count, payload size.
+    Load(weir::load::LoadArgs),
+    /// The end-to-end benchmark: raw JetStream ceiling vs Weir, rate error, latency, memory.
+    Bench(weir::bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// NATS URL (beats the file).
+    #[arg(long, env = "WEIR_NATS_URL")]
+    nats_url: Option<String>,
+    /// Admin HTTP address (beats the file).
+    #[arg(long, env = "WEIR_HTTP_ADDR")]
+    http_addr: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match cli.command {
+        Cmd::Run(a) => {
+            let overrides = Overrides {
+                nats_url: a.nats_url,
+                http_addr: a.http_addr,
+            };
+            let config = match Config::load(a.config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("weir: invalid configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            };
+            let url = config
+                .nats_url
+                .clone()
+                .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+            rt.block_on(async move {
+                let client = weir::connect(&url).await?;
+                weir::run(config, client, weir::signal::shutdown()).await
+            })
+            .map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
+        }
+        Cmd::Demo(a) => rt
+            .block_on(weir::demo::main(a))
+            .map_or_else(|e| fail(&*e), |()| ExitCode::SUCCESS),
+        Cmd::Load(a) => rt
+            .block_on(weir::load::main(a))
+            .map_or_else(|e| fail(&*e), |()| ExitCode::SUCCESS),
+        Cmd::Bench(a) => rt
+            .block_on(weir::bench::main(a))
+            .map_or_else(|e| fail(&*e), |()| ExitCode::SUCCESS),
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("weir: {e}");
+    ExitCode::FAILURE
+}

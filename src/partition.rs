@@ -1,0 +1,421 @@
+//! One partition's task: pull jobs from its durable consumer, let the scheduler decide, carry out
+//! its actions (release, park, read back, purge), and ack each source job only once the publish
+//! that carries it on is acknowledged.
+//!
+//! A partition owns its keys outright (the stream's partition transform sends all of a key's
+//! jobs here), so its state needs no lock: one task, one map.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::header::HeaderMap;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::message::{Acker, StreamMessage};
+use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::{AckKind, Context};
+use async_nats::Subject;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{self, header, DeadReason};
+use crate::limiter::{instant_at, now};
+use crate::limits::Limits;
+use crate::release::{self, Pipeline};
+use crate::scheduler::{Action, Held, Offer, Scheduler};
+use crate::{dead, park};
+
+/// A job in memory: what it takes to publish it on, and to ack its source.
+pub struct Job {
+    /// Fresh: the stored subject `weir.in.<p>.<dest>.<key>`; parked: `park.<p>.<key>`.
+    subject: Subject,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+    /// The source message's ack handle, for a job from `WEIR_JOBS`.
+    acker: Option<Acker>,
+    enqueued_ms: u64,
+}
+
+impl Job {
+    pub fn from_park(m: StreamMessage) -> Job {
+        Job {
+            subject: m.subject,
+            headers: Some(m.headers),
+            payload: m.payload,
+            acker: None,
+            enqueued_ms: 0,
+        }
+    }
+}
+
+/// What a publish in flight was for.
+enum Tag {
+    Release {
+        key: Arc<str>,
+        park_seq: Option<u64>,
+        acker: Option<Acker>,
+    },
+    Park {
+        key: Arc<str>,
+        acker: Acker,
+    },
+    Dead {
+        acker: Acker,
+    },
+}
+
+enum OpDone {
+    Loaded {
+        key: Arc<str>,
+        res: Result<Option<(u64, u64, Job)>, ()>,
+    },
+    Purged {
+        key: Arc<str>,
+        below: u64,
+        ok: bool,
+    },
+}
+
+/// Counters one partition publishes (relaxed atomics: one writer, readers want a rough view).
+#[derive(Debug, Default)]
+pub struct PartitionStats {
+    pub received: AtomicU64,
+    pub released: AtomicU64,
+    pub parked: AtomicU64,
+    pub dead: AtomicU64,
+    pub held: AtomicUsize,
+    pub keys: AtomicUsize,
+    pub bound: AtomicBool,
+}
+
+pub struct Partition {
+    id: u16,
+    sched: Scheduler<Job>,
+    pubs: Pipeline<Tag>,
+    ops: FuturesUnordered<BoxFuture<'static, OpDone>>,
+    park: Stream,
+    actions: Vec<Action<Job>>,
+    stats: Arc<PartitionStats>,
+    closing: bool,
+}
+
+impl Partition {
+    pub fn new(
+        id: u16,
+        js: Context,
+        park: Stream,
+        limits: Arc<Limits>,
+        c: &crate::config::Config,
+        stats: Arc<PartitionStats>,
+    ) -> Self {
+        Partition {
+            id,
+            sched: Scheduler::new(limits, c.horizon, c.max_held_per_partition as usize),
+            pubs: Pipeline::new(js, c.publish_window as usize),
+            ops: FuturesUnordered::new(),
+            park,
+            actions: Vec::with_capacity(64),
+            stats,
+            closing: false,
+        }
+    }
+
+    /// Runs until `cancel`, then hands back what it holds; the caller bounds the whole by the grace period.
+    pub async fn run(mut self, consumer: PullConsumer, cancel: CancellationToken) {
+        // Keys with parked jobs from an earlier run go first, before newer jobs of theirs.
+        loop {
+            match park::parked_keys(&self.park, self.id).await {
+                Ok(keys) => {
+                    for (k, n) in keys {
+                        self.sched.restore_parked(&k, n, now());
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(partition = self.id, error = %e, "listing parked keys failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        self.run_actions().await;
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        let mut armed = None;
+        let mut sweep = tokio::time::interval(Duration::from_millis(250));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'bind: while !cancel.is_cancelled() {
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(256)
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(partition = self.id, error = %e, "binding the consumer failed; retrying");
+                    self.stats.bound.store(false, Relaxed);
+                    tokio::select! {
+                        _ = cancel.cancelled() => break 'bind,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'bind,
+                    }
+                }
+            };
+            self.stats.bound.store(true, Relaxed);
+            loop {
+                let wake = self.sched.next_wake();
+                if wake != armed {
+                    if let Some(w) = wake {
+                        sleep.as_mut().reset(instant_at(w));
+                    }
+                    armed = wake;
+                }
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break 'bind,
+                    Some((res, tag)) = self.pubs.next(), if !self.pubs.is_empty() => self.on_published(res, tag).await,
+                    Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op(done),
+                    _ = &mut sleep, if armed.is_some() => { armed = None; self.sched.fire(now()); }
+                    _ = sweep.tick() => {
+                        self.sched.evict_idle(now());
+                        let s = self.sched.stats();
+                        self.stats.held.store(s.held, Relaxed);
+                        self.stats.keys.store(s.keys, Relaxed);
+                    }
+                    m = messages.next(), if !self.pubs.is_full() => match m {
+                        Some(Ok(m)) => self.on_message(m).await,
+                        Some(Err(e)) => tracing::debug!(partition = self.id, error = %e, "consumer stream error"),
+                        None => {
+                            tracing::warn!(partition = self.id, "consumer stream ended; rebinding");
+                            self.stats.bound.store(false, Relaxed);
+                            continue 'bind;
+                        }
+                    },
+                }
+                self.run_actions().await;
+            }
+        }
+        self.stats.bound.store(false, Relaxed);
+        self.shutdown().await;
+    }
+
+    /// Stop releasing: wait for publishes in flight (acking what they carried), hand back held jobs.
+    async fn shutdown(&mut self) {
+        self.closing = true;
+        while let Some((res, tag)) = self.pubs.next().await {
+            self.on_published(res, tag).await;
+        }
+        for h in self.sched.take_all() {
+            if let Some(a) = h.job.acker {
+                nak(a, None).await;
+            }
+        }
+        self.run_actions().await;
+    }
+
+    async fn on_message(&mut self, m: async_nats::jetstream::Message) {
+        self.stats.received.fetch_add(1, Relaxed);
+        let (seq, redelivered, enqueued_ms) = match m.info() {
+            Ok(i) => (
+                i.stream_sequence,
+                i.delivered > 1,
+                (i.published.unix_timestamp_nanos() / 1_000_000) as u64,
+            ),
+            Err(_) => (0, false, release::unix_ms()),
+        };
+        let (msg, acker) = m.split();
+        let subject = msg.subject.clone();
+        let job = Job {
+            subject: msg.subject,
+            headers: msg.headers,
+            payload: msg.payload,
+            acker: Some(acker),
+            enqueued_ms,
+        };
+        match job::parse_stored(&subject) {
+            Err(reason) => self.dead(job, seq, None, reason).await,
+            Ok(route) => match self.sched.offer(route.key, seq, redelivered, job, now()) {
+                Offer::Held => {}
+                Offer::Park(key, job) => self.park(key, route.dest, seq, job).await,
+            },
+        }
+    }
+
+    async fn park(&mut self, key: Arc<str>, dest: &str, seq: u64, mut job: Job) {
+        let mut h = job.headers.take().unwrap_or_default();
+        release::stamp(&mut h, &key, dest, job.enqueued_ms, || {
+            job::derived_msg_id(seq)
+        });
+        h.insert(header::SOURCE_SEQ, seq.to_string());
+        let acker = job.acker.take().expect("fresh job");
+        let subject = job::park_subject(self.id, &key);
+        if let Err((e, tag)) = self
+            .pubs
+            .publish(subject, h, job.payload, Tag::Park { key, acker })
+            .await
+        {
+            self.on_published(Err(e), tag).await;
+        }
+    }
+
+    async fn dead(
+        &mut self,
+        mut job: Job,
+        seq: u64,
+        route: Option<(&str, &str)>,
+        reason: DeadReason,
+    ) {
+        let subject = job::dead_subject(route);
+        let h = dead::headers(job.headers.take(), &job.subject, &reason, seq);
+        let acker = job.acker.take().expect("fresh job");
+        if let Err((e, tag)) = self
+            .pubs
+            .publish(subject, h, job.payload, Tag::Dead { acker })
+            .await
+        {
+            self.on_published(Err(e), tag).await;
+        }
+    }
+
+    async fn run_actions(&mut self) {
+        self.sched.take_actions(&mut self.actions);
+        let mut actions = std::mem::take(&mut self.actions);
+        for a in actions.drain(..) {
+            match a {
+                Action::Release { key, job } if self.closing => {
+                    if let Some(a) = job.job.acker {
+                        nak(a, None).await;
+                    }
+                    self.sched.release_done(&key, job.park_seq, false, now());
+                }
+                Action::Release { key, job } => self.release(key, job).await,
+                Action::Load { .. } | Action::Purge { .. } if self.closing => {}
+                Action::Load { key, from } => {
+                    let (park, p) = (self.park.clone(), self.id);
+                    self.ops.push(Box::pin(async move {
+                        let res = park::load(park, p, &key, from).await;
+                        OpDone::Loaded { key, res }
+                    }));
+                }
+                Action::Purge { key, below } => {
+                    let (park, p) = (self.park.clone(), self.id);
+                    self.ops.push(Box::pin(async move {
+                        let ok = park::purge(park, p, &key, below).await;
+                        OpDone::Purged { key, below, ok }
+                    }));
+                }
+            }
+        }
+        self.actions = actions;
+    }
+
+    async fn release(&mut self, key: Arc<str>, held: Held<Job>) {
+        let Held {
+            src_seq,
+            park_seq,
+            job,
+        } = held;
+        let mut h = job.headers.unwrap_or_default();
+        let subject = if park_seq.is_none() {
+            let route = job::parse_stored(&job.subject).expect("validated when offered");
+            release::stamp(&mut h, &key, route.dest, job.enqueued_ms, || {
+                job::derived_msg_id(src_seq)
+            });
+            job::released_subject(route.dest, &key)
+        } else {
+            let dest = h
+                .get(header::DESTINATION)
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default();
+            job::released_subject(&dest, &key)
+        };
+        release::stamp_released(&mut h, release::unix_ms());
+        let tag = Tag::Release {
+            key,
+            park_seq,
+            acker: job.acker,
+        };
+        if let Err((e, tag)) = self.pubs.publish(subject, h, job.payload, tag).await {
+            self.on_published(Err(e), tag).await;
+        }
+    }
+
+    async fn on_published(
+        &mut self,
+        res: Result<
+            async_nats::jetstream::publish::PublishAck,
+            async_nats::jetstream::context::PublishError,
+        >,
+        tag: Tag,
+    ) {
+        let ok = match &res {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(partition = self.id, error = %e, "publish failed; the job is handed back");
+                false
+            }
+        };
+        let retry = Some(Duration::from_secs(1));
+        match tag {
+            Tag::Release {
+                key,
+                park_seq,
+                acker,
+            } => {
+                if let Some(a) = acker {
+                    if ok {
+                        ack(a).await
+                    } else {
+                        nak(a, retry).await
+                    }
+                }
+                if ok {
+                    self.stats.released.fetch_add(1, Relaxed);
+                }
+                self.sched.release_done(&key, park_seq, ok, now());
+            }
+            Tag::Park { key, acker } => {
+                if ok {
+                    self.stats.parked.fetch_add(1, Relaxed);
+                    ack(acker).await
+                } else {
+                    nak(acker, retry).await
+                }
+                self.sched.parked(&key, ok, now());
+            }
+            Tag::Dead { acker } => {
+                if ok {
+                    self.stats.dead.fetch_add(1, Relaxed);
+                    ack(acker).await
+                } else {
+                    nak(acker, retry).await
+                }
+            }
+        }
+    }
+
+    fn on_op(&mut self, done: OpDone) {
+        match done {
+            OpDone::Loaded { key, res } => self.sched.loaded(&key, res, now()),
+            OpDone::Purged { key, below, ok } => self.sched.purged(&key, below, ok, now()),
+        }
+    }
+}
+
+async fn ack(a: Acker) {
+    if let Err(e) = a.ack().await {
+        tracing::debug!(error = %e, "ack failed; the job will be redelivered and deduplicated");
+    }
+}
+
+async fn nak(a: Acker, delay: Option<Duration>) {
+    if let Err(e) = a.ack_with(AckKind::Nak(delay)).await {
+        tracing::debug!(error = %e, "nak failed; the job will be redelivered after ack_wait");
+    }
+}

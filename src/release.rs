@@ -1,0 +1,156 @@
+//! Publishing with pipelined acks, and the headers a released job carries.
+//!
+//! A source message is acked only after the publish that carries it on (to `WEIR_RELEASED`,
+//! `WEIR_PARK` or `WEIR_DEAD`) is acknowledged by JetStream. Waiting for each ack would cap a
+//! partition at one job per round trip, so publishes are pipelined: up to `window` acks are in
+//! flight, collected in send order (JetStream answers a connection's publishes in order, so
+//! polling the oldest first costs nothing).
+
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_nats::header::HeaderMap;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+
+use crate::job::header;
+
+type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
+/// Publishes in flight, each with the tag that says what to do once it is acknowledged.
+pub struct Pipeline<T> {
+    js: Context,
+    inflight: VecDeque<(AckFuture, T)>,
+    window: usize,
+}
+
+impl<T> Pipeline<T> {
+    pub fn new(js: Context, window: usize) -> Self {
+        Pipeline {
+            js,
+            inflight: VecDeque::with_capacity(window),
+            window: window.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
+    /// True when no more publishes may start until some are acknowledged.
+    pub fn is_full(&self) -> bool {
+        self.inflight.len() >= self.window
+    }
+
+    /// Sends a publish; its ack is collected later by [`Pipeline::next`]. A publish that could not
+    /// even be sent comes back at once, with its tag.
+    pub async fn publish(
+        &mut self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        tag: T,
+    ) -> Result<(), (PublishError, T)> {
+        match self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+        {
+            Ok(ack) => {
+                self.inflight.push_back((ack.into_future(), tag));
+                Ok(())
+            }
+            Err(e) => Err((e, tag)),
+        }
+    }
+
+    /// The oldest publish's outcome, once it is known.
+    pub fn next(
+        &mut self,
+    ) -> impl Future<Output = Option<(Result<PublishAck, PublishError>, T)>> + '_ {
+        std::future::poll_fn(move |cx: &mut TaskContext<'_>| self.poll_next(cx))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<(Result<PublishAck, PublishError>, T)>> {
+        let Some((fut, _)) = self.inflight.front_mut() else {
+            return Poll::Ready(None);
+        };
+        match fut.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(res) => {
+                let (_, tag) = self.inflight.pop_front().expect("front");
+                Poll::Ready(Some((res, tag)))
+            }
+        }
+    }
+}
+
+/// Whether a failed publish is worth retrying later (the job is handed back, not lost, either way).
+pub fn is_transient(e: &PublishError) -> bool {
+    !matches!(e.kind(), PublishErrorKind::MaxPayloadExceeded)
+}
+
+/// Wall-clock Unix milliseconds, for the `Weir-*-At` headers only (never for decisions).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Adds Weir's headers for a fresh job: the key, destination, enqueue time and message id.
+/// Producer headers are kept; a producer's own `Nats-Msg-Id` wins over the derived one.
+pub fn stamp(
+    headers: &mut HeaderMap,
+    key: &str,
+    dest: &str,
+    enqueued_ms: u64,
+    msg_id: impl FnOnce() -> String,
+) {
+    if headers.get(header::MSG_ID).is_none() {
+        headers.insert(header::MSG_ID, msg_id());
+    }
+    headers.insert(header::KEY, key);
+    headers.insert(header::DESTINATION, dest);
+    headers.insert(header::ENQUEUED_AT, itoa(enqueued_ms));
+}
+
+/// Marks the moment of release.
+pub fn stamp_released(headers: &mut HeaderMap, released_ms: u64) {
+    headers.insert(header::RELEASED_AT, itoa(released_ms));
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn producer_msg_id_wins() {
+        let mut h = HeaderMap::new();
+        h.insert(header::MSG_ID, "mine");
+        h.insert("X-Trace", "t1");
+        stamp(&mut h, "acme", "sms", 42, || "derived".into());
+        assert_eq!(h.get(header::MSG_ID).unwrap().as_str(), "mine");
+        assert_eq!(h.get("X-Trace").unwrap().as_str(), "t1");
+        assert_eq!(h.get(header::ENQUEUED_AT).unwrap().as_str(), "42");
+        let mut h = HeaderMap::new();
+        stamp(&mut h, "acme", "sms", 42, || "derived".into());
+        assert_eq!(h.get(header::MSG_ID).unwrap().as_str(), "derived");
+        assert_eq!(h.get(header::KEY).unwrap().as_str(), "acme");
+    }
+}

@@ -1,0 +1,506 @@
+//! The per-partition scheduler: which held jobs may leave now, which must be parked, when to look
+//! again, and when a key may be forgotten.
+//!
+//! Pure logic, no I/O, so it is tested with `tokio::time::pause`: the partition task feeds it
+//! events ([`Scheduler::offer`], [`Scheduler::release_done`], [`Scheduler::parked`],
+//! [`Scheduler::loaded`], [`Scheduler::fire`]) and carries out the [`Action`]s it queues.
+//!
+//! # Ordering
+//! A key's jobs leave in `WEIR_JOBS` sequence order (`src_seq`). In memory a key's queue is kept
+//! sorted by it. Jobs beyond the in-memory horizon are parked; parking preserves order (one task
+//! publishes a key's parked jobs in sequence order), so `WEIR_PARK` holds a key's surplus in
+//! order, read back from a cursor. The front of the queue may leave only if nothing older can
+//! still be in the park: either the key has no unread parked jobs, or a job loaded from the park
+//! that is newer than the front is already in memory. After a restart, redelivered jobs (older
+//! than anything parked after them, but perhaps newer than some parked before) are merged by
+//! this rule without ever being re-parked.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use hashbrown::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::nanos::Nanos;
+
+use crate::limiter::Bucket;
+use crate::limits::Limits;
+
+/// What the partition task must do next.
+#[derive(Debug)]
+pub enum Action<J> {
+    /// Publish `job` to `released.<dest>.<key>`; report with [`Scheduler::release_done`].
+    Release { key: Arc<str>, job: Held<J> },
+    /// Read the key's next parked job at or after park sequence `from`; report with
+    /// [`Scheduler::loaded`].
+    Load { key: Arc<str>, from: u64 },
+    /// Delete the key's parked jobs below park sequence `below`; report with
+    /// [`Scheduler::purged`].
+    Purge { key: Arc<str>, below: u64 },
+}
+
+/// What became of an offered job.
+#[derive(Debug)]
+pub enum Offer<J> {
+    /// Held in memory (and perhaps already released through an action).
+    Held,
+    /// Beyond the horizon: publish it to the park, then report with [`Scheduler::parked`].
+    Park(Arc<str>, J),
+}
+
+/// A job in memory.
+#[derive(Debug)]
+pub struct Held<J> {
+    /// Sequence in `WEIR_JOBS`: the key's FIFO order.
+    pub src_seq: u64,
+    /// Sequence in `WEIR_PARK`, for a job read back from the park.
+    pub park_seq: Option<u64>,
+    pub job: J,
+}
+
+/// Per-key state. Kept small: a key with no backlog costs the bucket, a few words, and its name.
+#[derive(Debug)]
+struct KeyState<J> {
+    bucket: Bucket,
+    last_release: Nanos,
+    /// Timer due time in nanos (0: none).
+    wake_at: u64,
+    /// Releases published and not yet acknowledged.
+    inflight: u32,
+    /// Most jobs this key holds in memory: burst plus what it releases within the horizon.
+    cap: u32,
+    /// Present only while the key has a backlog.
+    busy: Option<Box<Busy<J>>>,
+}
+
+#[derive(Debug)]
+struct Busy<J> {
+    queue: VecDeque<Held<J>>,
+    /// Park publishes in flight.
+    parking: u32,
+    /// Parked jobs not yet read back.
+    unread: u64,
+    /// Next park sequence to read from.
+    cursor: u64,
+    loading: bool,
+    /// Source sequence of the newest job read back from the park.
+    max_loaded_src: u64,
+    /// Park sequences below this were released and may be purged.
+    purge_below: u64,
+    purged_below: u64,
+    purging: bool,
+}
+
+impl<J> Default for Busy<J> {
+    fn default() -> Self {
+        Busy {
+            queue: VecDeque::new(),
+            parking: 0,
+            unread: 0,
+            cursor: 0,
+            loading: false,
+            max_loaded_src: 0,
+            purge_below: 0,
+            purged_below: 0,
+            purging: false,
+        }
+    }
+}
+
+impl<J> Busy<J> {
+    fn is_idle(&self) -> bool {
+        self.queue.is_empty()
+            && self.parking == 0
+            && self.unread == 0
+            && !self.loading
+            && !self.purging
+            && self.purged_below >= self.purge_below
+    }
+}
+
+/// Counters a partition reports.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub keys: usize,
+    pub held: usize,
+    pub loaded: usize,
+}
+
+pub struct Scheduler<J> {
+    keys: HashMap<Arc<str>, KeyState<J>>,
+    timers: BinaryHeap<Reverse<(u64, Arc<str>)>>,
+    idle: BinaryHeap<Reverse<(u64, Arc<str>)>>,
+    /// Keys that want to read from the park but the partition's read-back budget is spent.
+    starved: VecDeque<Arc<str>>,
+    limits: Arc<Limits>,
+    horizon: Duration,
+    /// Most jobs read back from the park held in memory at once, over all keys.
+    load_budget: usize,
+    held: usize,
+    loaded: usize,
+    actions: Vec<Action<J>>,
+}
+
+impl<J> Scheduler<J> {
+    pub fn new(limits: Arc<Limits>, horizon: Duration, load_budget: usize) -> Self {
+        Scheduler {
+            keys: HashMap::new(),
+            timers: BinaryHeap::new(),
+            idle: BinaryHeap::new(),
+            starved: VecDeque::new(),
+            limits,
+            horizon,
+            load_budget: load_budget.max(1),
+            held: 0,
+            loaded: 0,
+            actions: Vec::new(),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            keys: self.keys.len(),
+            held: self.held,
+            loaded: self.loaded,
+        }
+    }
+
+    /// Moves the actions queued so far into `into` (a buffer the caller reuses).
+    pub fn take_actions(&mut self, into: &mut Vec<Action<J>>) {
+        into.append(&mut self.actions);
+    }
+
+    /// Takes every job held in memory, for shutdown: the caller hands fresh ones back.
+    pub fn take_all(&mut self) -> Vec<Held<J>> {
+        let mut out = Vec::with_capacity(self.held);
+        for st in self.keys.values_mut() {
+            if let Some(b) = st.busy.as_deref_mut() {
+                out.extend(b.queue.drain(..));
+            }
+        }
+        self.held = 0;
+        self.loaded = 0;
+        out
+    }
+
+    /// When [`Scheduler::fire`] should next be called.
+    pub fn next_wake(&self) -> Option<Nanos> {
+        self.timers.peek().map(|Reverse((t, _))| Nanos::new(*t))
+    }
+
+    fn entry(&mut self, key: &str, now: Nanos) -> (Arc<str>, &mut KeyState<J>) {
+        if !self.keys.contains_key(key) {
+            let limit = self.limits.for_key(key);
+            let ahead = limit.rate.per_second() * self.horizon.as_secs_f64();
+            let cap = (f64::from(limit.burst) + ahead).clamp(1.0, 100_000.0) as u32;
+            let st = KeyState {
+                bucket: Bucket::new(&limit),
+                last_release: now,
+                wake_at: 0,
+                inflight: 0,
+                cap,
+                busy: None,
+            };
+            self.keys.insert(Arc::from(key), st);
+        }
+        let (k, st) = self.keys.get_key_value_mut(key).expect("inserted above");
+        (k.clone(), st)
+    }
+
+    /// A job arrived from `WEIR_JOBS`. `redelivered` jobs are never parked (they are older than
+    /// anything parked after them) but merged into memory by sequence.
+    pub fn offer(
+        &mut self,
+        key: &str,
+        src_seq: u64,
+        redelivered: bool,
+        job: J,
+        now: Nanos,
+    ) -> Offer<J> {
+        let (k, st) = self.entry(key, now);
+        if let Some(b) = st.busy.as_deref_mut() {
+            let full = b.queue.len() >= st.cap as usize;
+            if !redelivered && (b.unread > 0 || b.parking > 0 || full) {
+                b.parking += 1;
+                return Offer::Park(k, job);
+            }
+        }
+        let held = Held {
+            src_seq,
+            park_seq: None,
+            job,
+        };
+        // Fast path: nothing waiting, a token free: leave now without touching the queue.
+        if st.busy.is_none() {
+            if st.bucket.try_take().is_ok() {
+                st.inflight += 1;
+                st.last_release = now;
+                self.actions.push(Action::Release { key: k, job: held });
+                return Offer::Held;
+            }
+            st.busy = Some(Box::default());
+        }
+        let b = st.busy.as_deref_mut().expect("busy");
+        insert_sorted(&mut b.queue, held);
+        self.held += 1;
+        self.pump(&k, now);
+        Offer::Held
+    }
+
+    /// A park publish finished; `ok == false` means the job was not parked (the caller naks it).
+    pub fn parked(&mut self, key: &str, ok: bool, now: Nanos) {
+        let Some(b) = self.keys.get_mut(key).and_then(|s| s.busy.as_deref_mut()) else {
+            return;
+        };
+        b.parking = b.parking.saturating_sub(1);
+        if ok {
+            b.unread += 1;
+        }
+        let k = self.key_arc(key);
+        self.pump(&k, now);
+    }
+
+    /// A read from the park finished: `Ok(Some((park_seq, src_seq, job)))`, `Ok(None)` when the
+    /// park holds nothing more for the key, `Err(())` on a transient failure (retried shortly).
+    pub fn loaded(&mut self, key: &str, result: Result<Option<(u64, u64, J)>, ()>, now: Nanos) {
+        let Some(k) = self.key_arc_opt(key) else {
+            return;
+        };
+        let st = self.keys.get_mut(key).expect("present");
+        let Some(b) = st.busy.as_deref_mut() else {
+            return;
+        };
+        b.loading = false;
+        match result {
+            Ok(Some((park_seq, src_seq, job))) => {
+                b.cursor = park_seq + 1;
+                b.unread = b.unread.saturating_sub(1);
+                b.max_loaded_src = b.max_loaded_src.max(src_seq);
+                let dup = b
+                    .queue
+                    .binary_search_by_key(&src_seq, |h| h.src_seq)
+                    .is_ok();
+                if dup {
+                    // Parked and then redelivered (the ack was lost): one copy is enough.
+                    b.purge_below = b.purge_below.max(park_seq + 1);
+                } else {
+                    insert_sorted(
+                        &mut b.queue,
+                        Held {
+                            src_seq,
+                            park_seq: Some(park_seq),
+                            job,
+                        },
+                    );
+                    self.held += 1;
+                    self.loaded += 1;
+                }
+            }
+            Ok(None) => {
+                if b.parking == 0 {
+                    b.unread = 0;
+                }
+            }
+            Err(()) => {
+                let at = now.as_u64() + 100_000_000;
+                schedule(&mut self.timers, &mut st.wake_at, &k, at);
+                return;
+            }
+        }
+        self.pump(&k, now);
+    }
+
+    /// A release publish finished. On failure the caller naks a fresh job (it comes back as a
+    /// redelivery); a job from the park is read again.
+    pub fn release_done(&mut self, key: &str, park_seq: Option<u64>, ok: bool, now: Nanos) {
+        let Some(k) = self.key_arc_opt(key) else {
+            return;
+        };
+        let st = self.keys.get_mut(key).expect("present");
+        st.inflight = st.inflight.saturating_sub(1);
+        if let (Some(ps), Some(b)) = (park_seq, st.busy.as_deref_mut()) {
+            if ok {
+                b.purge_below = b.purge_below.max(ps + 1);
+            } else {
+                b.cursor = b.cursor.min(ps);
+                b.unread += 1;
+            }
+        }
+        if park_seq.is_some() {
+            self.loaded -= 1;
+            if let Some(s) = self.starved.pop_front() {
+                self.pump(&s, now);
+            }
+        }
+        self.pump(&k, now);
+    }
+
+    /// A purge finished (or failed: it is retried on the next release).
+    pub fn purged(&mut self, key: &str, below: u64, ok: bool, now: Nanos) {
+        let Some(b) = self.keys.get_mut(key).and_then(|s| s.busy.as_deref_mut()) else {
+            return;
+        };
+        b.purging = false;
+        if ok {
+            b.purged_below = b.purged_below.max(below);
+        }
+        let k = self.key_arc(key);
+        self.pump(&k, now);
+    }
+
+    /// Keys found in the park at start: their jobs are read back before newer ones leave.
+    pub fn restore_parked(&mut self, key: &str, count: u64, now: Nanos) {
+        let (k, st) = self.entry(key, now);
+        let b = st.busy.get_or_insert_with(Box::default);
+        b.unread += count;
+        self.pump(&k, now);
+    }
+
+    /// Wakes the keys whose timers are due.
+    pub fn fire(&mut self, now: Nanos) {
+        while let Some(Reverse((t, _))) = self.timers.peek() {
+            if *t > now.as_u64() {
+                break;
+            }
+            let Reverse((t, k)) = self.timers.pop().expect("peeked");
+            if let Some(st) = self.keys.get_mut(&k) {
+                if st.wake_at == t {
+                    st.wake_at = 0;
+                    self.pump(&k, now);
+                }
+            }
+        }
+    }
+
+    /// Forgets keys that have been idle long enough for their bucket to be full again: such a key
+    /// behaves exactly like a new one, so its state is pure cost.
+    pub fn evict_idle(&mut self, now: Nanos) -> usize {
+        let mut evicted = 0;
+        while let Some(Reverse((t, _))) = self.idle.peek() {
+            if *t > now.as_u64() {
+                break;
+            }
+            let Reverse((_, k)) = self.idle.pop().expect("peeked");
+            let Some(st) = self.keys.get(&k) else {
+                continue;
+            };
+            let idle = st.inflight == 0 && st.busy.as_ref().is_none_or(|b| b.is_idle());
+            if idle && st.wake_at == 0 && st.bucket.full_at(st.last_release) <= now {
+                self.keys.remove(&k);
+                evicted += 1;
+            }
+        }
+        if self.keys.capacity() > 4 * self.keys.len() + 1024 {
+            self.keys.shrink_to_fit();
+        }
+        evicted
+    }
+
+    /// Releases what the key may release now, asks for reads from the park, schedules the next
+    /// look, and marks an idle key for eviction.
+    fn pump(&mut self, k: &Arc<str>, now: Nanos) {
+        let Some(st) = self.keys.get_mut(k) else {
+            return;
+        };
+        let Some(b) = st.busy.as_deref_mut() else {
+            if st.inflight == 0 {
+                self.idle.push(Reverse((
+                    st.bucket.full_at(st.last_release).as_u64(),
+                    k.clone(),
+                )));
+            }
+            return;
+        };
+        let mut want_load = false;
+        while let Some(front) = b.queue.front() {
+            if b.unread > 0 && b.max_loaded_src <= front.src_seq {
+                want_load = true; // something older may still be in the park
+                break;
+            }
+            match st.bucket.try_take() {
+                Ok(()) => {
+                    let job = b.queue.pop_front().expect("front");
+                    self.held -= 1;
+                    st.inflight += 1;
+                    st.last_release = now;
+                    self.actions.push(Action::Release {
+                        key: k.clone(),
+                        job,
+                    });
+                }
+                Err(at) => {
+                    schedule(&mut self.timers, &mut st.wake_at, k, at.as_u64());
+                    break;
+                }
+            }
+        }
+        let b = st.busy.as_deref_mut().expect("busy");
+        if b.unread > 0
+            && (b.queue.len() < (st.cap as usize).div_ceil(2) || want_load)
+            && !b.loading
+        {
+            if self.loaded < self.load_budget {
+                b.loading = true;
+                self.actions.push(Action::Load {
+                    key: k.clone(),
+                    from: b.cursor,
+                });
+            } else {
+                self.starved.push_back(k.clone());
+            }
+        }
+        if b.purge_below > b.purged_below
+            && !b.purging
+            && (b.queue.is_empty() || b.purge_below - b.purged_below >= 64)
+        {
+            b.purging = true;
+            self.actions.push(Action::Purge {
+                key: k.clone(),
+                below: b.purge_below,
+            });
+        }
+        if b.is_idle() {
+            st.busy = None;
+            if st.inflight == 0 {
+                self.idle.push(Reverse((
+                    st.bucket.full_at(st.last_release).as_u64(),
+                    k.clone(),
+                )));
+            }
+        }
+    }
+
+    fn key_arc(&self, key: &str) -> Arc<str> {
+        self.key_arc_opt(key).expect("key present")
+    }
+
+    fn key_arc_opt(&self, key: &str) -> Option<Arc<str>> {
+        self.keys.get_key_value(key).map(|(k, _)| k.clone())
+    }
+}
+
+/// Sets a key's timer to `at` unless an earlier one is already set.
+fn schedule(timers: &mut BinaryHeap<Reverse<(u64, Arc<str>)>>, w: &mut u64, k: &Arc<str>, at: u64) {
+    let at = at.max(1);
+    if *w == 0 || at < *w {
+        *w = at;
+        timers.push(Reverse((at, k.clone())));
+    }
+}
+
+/// Inserts by source sequence; almost always at the back.
+fn insert_sorted<J>(q: &mut VecDeque<Held<J>>, h: Held<J>) {
+    match q.back() {
+        None => q.push_back(h),
+        Some(b) if b.src_seq < h.src_seq => q.push_back(h),
+        _ => {
+            let i = q.partition_point(|x| x.src_seq < h.src_seq);
+            q.insert(i, h);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

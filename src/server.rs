@@ -1,0 +1,120 @@
+//! Wiring: topology, partition tasks, triage, admin listener, and a bounded shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::limits::Limits;
+use crate::partition::{Partition, PartitionStats};
+use crate::{admin, dead, streams};
+
+/// Why Weir stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(transparent)]
+    Topology(#[from] streams::TopologyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Connects to NATS with settings fit for a long-running service (retry forever on reconnect).
+pub async fn connect(url: &str) -> Result<async_nats::Client, RunError> {
+    async_nats::ConnectOptions::new()
+        .name("weir")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .map_err(|source| RunError::Connect {
+            url: url.to_string(),
+            source,
+        })
+}
+
+/// Runs Weir until `shutdown` completes, then drains within `config.shutdown_grace`.
+pub async fn run(
+    config: Config,
+    client: async_nats::Client,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let window = config.publish_window as usize * (config.partitions as usize + 1);
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(window + 1024)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    let topo = streams::ensure(&js, &config).await?;
+    let limits = Arc::new(Limits::from_config(&config));
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let stats: Vec<Arc<PartitionStats>> = (0..config.partitions).map(|_| Arc::default()).collect();
+    let state = admin::AdminState {
+        client: client.clone(),
+        partitions: Arc::new(stats.clone()),
+    };
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.http_addr,
+            source,
+        })?;
+    let http_cancel = cancel.clone();
+    tracker.spawn(async move {
+        let serve = axum::serve(listener, admin::router(state))
+            .with_graceful_shutdown(http_cancel.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+
+    for p in 0..config.partitions {
+        let name = streams::partition_consumer(p);
+        let consumer =
+            streams::consumer(&topo.jobs, &name, crate::job::partition_filter(p), &config).await?;
+        let part = Partition::new(
+            p,
+            js.clone(),
+            topo.park.clone(),
+            limits.clone(),
+            &config,
+            stats[p as usize].clone(),
+        );
+        tracker.spawn(part.run(consumer, cancel.clone()));
+    }
+    let triage = streams::consumer(
+        &topo.jobs,
+        streams::TRIAGE_CONSUMER,
+        "jobs.>".into(),
+        &config,
+    )
+    .await?;
+    tracker.spawn(dead::triage(js.clone(), triage, cancel.clone()));
+    tracing::info!(partitions = config.partitions, http = %config.http_addr, "weir is running");
+
+    shutdown.await;
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down");
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; unacked jobs will be redelivered");
+    }
+    if let Err(e) = client.drain().await {
+        tracing::warn!(error = %e, "draining the NATS connection failed");
+    }
+    Ok(())
+}

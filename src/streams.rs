@@ -1,0 +1,199 @@
+//! The JetStream topology Weir needs, created idempotently at start.
+//!
+//! An existing stream is used as it is if it fits; if it does not (say `WEIR_JOBS` was created
+//! with another partition count, which would re-map every key), start fails with an error saying
+//! what differs, rather than silently changing a stream other processes depend on.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::stream::{
+    Config as StreamConfig, RetentionPolicy, StorageType, Stream, SubjectTransform,
+};
+use async_nats::jetstream::{Context, ErrorCode};
+
+use crate::config::Config;
+use crate::job;
+
+/// Why the topology could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("JetStream request for {what} failed: {source}")]
+    Request {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("stream {stream} exists but {field} is {found}, weir needs {wanted}; {fix}")]
+    Mismatch {
+        stream: &'static str,
+        field: &'static str,
+        found: String,
+        wanted: String,
+        fix: &'static str,
+    },
+}
+
+fn req<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> TopologyError {
+    let what = what.into();
+    move |e| TopologyError::Request {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// Durable name of a partition's consumer.
+pub fn partition_consumer(p: u16) -> String {
+    format!("weir-p{p}")
+}
+
+/// Durable name of the consumer that dead-letters subjects the partition transform did not match.
+pub const TRIAGE_CONSUMER: &str = "weir-triage";
+
+/// Handles on the streams Weir uses.
+#[derive(Clone)]
+pub struct Topology {
+    pub jobs: Stream,
+    pub park: Stream,
+}
+
+/// Creates (or checks) `WEIR_JOBS`, `WEIR_RELEASED`, `WEIR_PARK` and `WEIR_DEAD`.
+pub async fn ensure(js: &Context, c: &Config) -> Result<Topology, TopologyError> {
+    let (src, dest) = job::partition_transform(c.partitions);
+    let jobs_cfg = StreamConfig {
+        name: job::JOBS_STREAM.into(),
+        subjects: vec!["jobs.>".into()],
+        subject_transform: Some(SubjectTransform {
+            source: src,
+            destination: dest,
+        }),
+        // Acked jobs are done: a work queue deletes them, so the stream holds only what waits.
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        num_replicas: c.replicas,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let jobs = ensure_stream(js, jobs_cfg).await?;
+    ensure_stream(js, plain(job::RELEASED_STREAM, "released.>", c.replicas)).await?;
+    ensure_stream(js, plain(job::DEAD_STREAM, "dead.>", c.replicas)).await?;
+    let mut park_cfg = plain(job::PARK_STREAM, "park.>", c.replicas);
+    // Parked jobs are read back per key with direct get (next message for a subject after a
+    // sequence), which needs no consumer per key.
+    park_cfg.allow_direct = true;
+    let park = ensure_stream(js, park_cfg).await?;
+    Ok(Topology { jobs, park })
+}
+
+fn plain(name: &str, subject: &str, replicas: usize) -> StreamConfig {
+    StreamConfig {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        storage: StorageType::File,
+        num_replicas: replicas,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+async fn ensure_stream(js: &Context, want: StreamConfig) -> Result<Stream, TopologyError> {
+    let name: &'static str = match want.name.as_str() {
+        job::JOBS_STREAM => job::JOBS_STREAM,
+        job::RELEASED_STREAM => job::RELEASED_STREAM,
+        job::PARK_STREAM => job::PARK_STREAM,
+        _ => job::DEAD_STREAM,
+    };
+    match js.get_stream(name).await {
+        Ok(mut s) => {
+            let have = s
+                .info()
+                .await
+                .map_err(req(format!("info of {name}")))?
+                .config
+                .clone();
+            check(
+                name,
+                "subjects",
+                &have.subjects,
+                &want.subjects,
+                "delete the stream or use another NATS account",
+            )?;
+            check(
+                name,
+                "retention",
+                &have.retention,
+                &want.retention,
+                "delete the stream or use another NATS account",
+            )?;
+            let t = |c: &StreamConfig| c.subject_transform.as_ref().map(|t| t.destination.clone());
+            check(
+                name,
+                "subject transform (partition count)",
+                &t(&have),
+                &t(&want),
+                "set `partitions` to the count the stream was made with, or drain and delete WEIR_JOBS",
+            )?;
+            if want.allow_direct && !have.allow_direct {
+                return Err(TopologyError::Mismatch {
+                    stream: name,
+                    field: "allow_direct",
+                    found: "false".into(),
+                    wanted: "true".into(),
+                    fix: "update the stream with allow_direct = true",
+                });
+            }
+            Ok(s)
+        }
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
+            js.create_stream(want)
+                .await
+                .map_err(req(format!("create {name}")))
+        }
+        Err(e) => Err(req(format!("get {name}"))(e)),
+    }
+}
+
+fn check<T: PartialEq + std::fmt::Debug>(
+    stream: &'static str,
+    field: &'static str,
+    found: &T,
+    wanted: &T,
+    fix: &'static str,
+) -> Result<(), TopologyError> {
+    if found == wanted {
+        Ok(())
+    } else {
+        Err(TopologyError::Mismatch {
+            stream,
+            field,
+            found: format!("{found:?}"),
+            wanted: format!("{wanted:?}"),
+            fix,
+        })
+    }
+}
+
+/// The durable pull consumer of one partition (or of the triage filter).
+pub async fn consumer(
+    jobs: &Stream,
+    name: &str,
+    filter: String,
+    c: &Config,
+) -> Result<PullConsumer, TopologyError> {
+    let cfg = PullConfig {
+        durable_name: Some(name.to_string()),
+        filter_subject: filter,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: c.ack_wait,
+        // Held jobs are unacked and count here; parking keeps a hot key from filling it.
+        max_ack_pending: i64::from(c.max_held_per_partition),
+        ..Default::default()
+    };
+    jobs.get_or_create_consumer(name, cfg)
+        .await
+        .map_err(req(format!("consumer {name}")))
+}
