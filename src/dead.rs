@@ -2,8 +2,8 @@
 //! never silently away.
 //!
 //! Subjects that are not `jobs.<destination>.<key>` are not rewritten by the partition transform,
-//! so they stay under `jobs.>` in `WEIR_JOBS`; the triage consumer (filter `jobs.>`) sees exactly
-//! those, and moves each to `dead.invalid`, acking it only once the dead letter is stored.
+//! so they stay under `jobs.>` in `WEIR_JOBS`; the triage consumer (filters `jobs.*` and
+//! `jobs.*.*.>`) sees exactly those, and moves each to `dead.invalid`, acking it only once the dead letter is stored.
 
 use async_nats::header::HeaderMap;
 use async_nats::jetstream::consumer::PullConsumer;

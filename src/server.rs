@@ -81,8 +81,13 @@ pub async fn run(
 
     for p in 0..config.partitions {
         let name = streams::partition_consumer(p);
-        let consumer =
-            streams::consumer(&topo.jobs, &name, crate::job::partition_filter(p), &config).await?;
+        let consumer = streams::consumer(
+            &topo.jobs,
+            &name,
+            vec![crate::job::partition_filter(p)],
+            &config,
+        )
+        .await?;
         let part = Partition::new(
             p,
             js.clone(),
@@ -96,7 +101,7 @@ pub async fn run(
     let triage = streams::consumer(
         &topo.jobs,
         streams::TRIAGE_CONSUMER,
-        "jobs.>".into(),
+        streams::triage_filters(),
         &config,
     )
     .await?;

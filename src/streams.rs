@@ -54,6 +54,14 @@ pub fn partition_consumer(p: u16) -> String {
 /// Durable name of the consumer that dead-letters subjects the partition transform did not match.
 pub const TRIAGE_CONSUMER: &str = "weir-triage";
 
+/// What the triage consumer sees: `jobs.` subjects of any length but 3 tokens (those are
+/// rewritten to `weir.in.…`). Not `jobs.>`: on a work-queue stream nats-server 2.15 then counts
+/// the triage consumer as interested in every job (the transform's source matches) and never
+/// deletes acked jobs.
+pub fn triage_filters() -> Vec<String> {
+    vec!["jobs.*".into(), "jobs.*.*.>".into()]
+}
+
 /// Handles on the streams Weir uses.
 #[derive(Clone)]
 pub struct Topology {
@@ -181,12 +189,17 @@ fn check<T: PartialEq + std::fmt::Debug>(
 pub async fn consumer(
     jobs: &Stream,
     name: &str,
-    filter: String,
+    mut filters: Vec<String>,
     c: &Config,
 ) -> Result<PullConsumer, TopologyError> {
+    let (filter_subject, filter_subjects) = match filters.len() {
+        1 => (filters.pop().expect("one"), Vec::new()),
+        _ => (String::new(), filters),
+    };
     let cfg = PullConfig {
         durable_name: Some(name.to_string()),
-        filter_subject: filter,
+        filter_subject,
+        filter_subjects,
         ack_policy: AckPolicy::Explicit,
         ack_wait: c.ack_wait,
         // Held jobs are unacked and count here; parking keeps a hot key from filling it.
