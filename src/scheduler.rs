@@ -81,6 +81,8 @@ struct Busy<J> {
     parking: u32,
     /// Parked jobs not yet read back.
     unread: u64,
+    /// Releases of jobs read back from the park, in flight: on failure they are read again.
+    inflight_parked: u32,
     /// Next park sequence to read from.
     cursor: u64,
     loading: bool,
@@ -98,6 +100,7 @@ impl<J> Default for Busy<J> {
             queue: VecDeque::new(),
             parking: 0,
             unread: 0,
+            inflight_parked: 0,
             cursor: 0,
             loading: false,
             max_loaded_src: 0,
@@ -113,6 +116,7 @@ impl<J> Busy<J> {
         self.queue.is_empty()
             && self.parking == 0
             && self.unread == 0
+            && self.inflight_parked == 0
             && !self.loading
             && !self.purging
             && self.purged_below >= self.purge_below
@@ -320,6 +324,7 @@ impl<J> Scheduler<J> {
         let st = self.keys.get_mut(key).expect("present");
         st.inflight = st.inflight.saturating_sub(1);
         if let (Some(ps), Some(b)) = (park_seq, st.busy.as_deref_mut()) {
+            b.inflight_parked = b.inflight_parked.saturating_sub(1);
             if ok {
                 b.purge_below = b.purge_below.max(ps + 1);
             } else {
@@ -328,7 +333,7 @@ impl<J> Scheduler<J> {
             }
         }
         if park_seq.is_some() {
-            self.loaded -= 1;
+            self.loaded = self.loaded.saturating_sub(1);
             if let Some(s) = self.starved.pop_front() {
                 self.pump(&s, now);
             }
@@ -414,13 +419,18 @@ impl<J> Scheduler<J> {
         };
         let mut want_load = false;
         while let Some(front) = b.queue.front() {
-            if b.unread > 0 && b.max_loaded_src <= front.src_seq {
-                want_load = true; // something older may still be in the park
+            // A fresh job may leave only if nothing older can still be unread in the park; a job
+            // read back from the park is older than everything still unread there.
+            if front.park_seq.is_none() && b.unread > 0 && b.max_loaded_src <= front.src_seq {
+                want_load = true;
                 break;
             }
             match st.bucket.try_take() {
                 Ok(()) => {
                     let job = b.queue.pop_front().expect("front");
+                    if job.park_seq.is_some() {
+                        b.inflight_parked += 1;
+                    }
                     self.held -= 1;
                     st.inflight += 1;
                     st.last_release = now;

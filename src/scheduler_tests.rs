@@ -1,1 +1,165 @@
+//! Scheduler unit tests: time is tokio's paused clock, jobs are plain numbers.
+
 use super::*;
+use crate::config::{Config, Overrides};
+use crate::limiter::now;
+
+fn sched(toml: &str, horizon_ms: u64) -> Scheduler<u64> {
+    let c = Config::from_toml(toml, "t", &Overrides::default()).unwrap();
+    Scheduler::new(
+        Arc::new(Limits::from_config(&c)),
+        Duration::from_millis(horizon_ms),
+        10_000,
+    )
+}
+
+/// Releases queued so far, as (key, src_seq, park_seq); loads and purges are returned apart.
+fn take(
+    s: &mut Scheduler<u64>,
+) -> (
+    Vec<(String, u64, Option<u64>)>,
+    Vec<(String, u64)>,
+    Vec<(String, u64)>,
+) {
+    let mut acts = Vec::new();
+    s.take_actions(&mut acts);
+    let (mut rel, mut loads, mut purges) = (Vec::new(), Vec::new(), Vec::new());
+    for a in acts {
+        match a {
+            Action::Release { key, job } => rel.push((key.to_string(), job.src_seq, job.park_seq)),
+            Action::Load { key, from } => loads.push((key.to_string(), from)),
+            Action::Purge { key, below } => purges.push((key.to_string(), below)),
+        }
+    }
+    (rel, loads, purges)
+}
+
+const TEN_PER_SEC: &str = "[limits.default]\nrate = \"10/s\"\nburst = 2";
+
+#[tokio::test(start_paused = true)]
+async fn burst_leaves_at_once_then_one_per_period() {
+    let mut s = sched(TEN_PER_SEC, 5_000);
+    for seq in 1..=5 {
+        assert!(matches!(
+            s.offer("acme", seq, false, seq, now()),
+            Offer::Held
+        ));
+    }
+    let (rel, _, _) = take(&mut s);
+    assert_eq!(rel.iter().map(|r| r.1).collect::<Vec<_>>(), vec![1, 2]);
+    for expect in 3..=5 {
+        let wake = s.next_wake().expect("a timer for the backlog");
+        tokio::time::advance(Duration::from_nanos(wake.as_u64() - now().as_u64())).await;
+        s.fire(now());
+        let (rel, _, _) = take(&mut s);
+        assert_eq!(rel.iter().map(|r| r.1).collect::<Vec<_>>(), vec![expect]);
+    }
+    assert_eq!(s.stats().held, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_do_not_wait_for_each_other() {
+    let mut s = sched(TEN_PER_SEC, 5_000);
+    for seq in 1..=50 {
+        s.offer("hot", seq, false, seq, now());
+    }
+    s.offer("cold", 51, false, 51, now());
+    let (rel, _, _) = take(&mut s);
+    assert!(
+        rel.iter().any(|r| r.0 == "cold" && r.1 == 51),
+        "the cold key leaves at once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn surplus_beyond_the_horizon_is_parked_and_read_back_in_order() {
+    // 10/s, burst 2, horizon 500 ms: the burst leaves, then 7 jobs in memory at most.
+    let mut s = sched(TEN_PER_SEC, 500);
+    let mut parked = Vec::new();
+    for seq in 1..=20 {
+        if let Offer::Park(_, j) = s.offer("acme", seq, false, seq, now()) {
+            parked.push(j);
+        }
+    }
+    assert_eq!(
+        parked,
+        (10..=20).collect::<Vec<_>>(),
+        "parked in order, after the cap"
+    );
+    for _ in &parked {
+        s.parked("acme", true, now());
+    }
+    let mut released = Vec::new();
+    while released.len() < 20 {
+        let (rel, loads, _) = take(&mut s);
+        for (_, src, ps) in rel {
+            released.push(src);
+            s.release_done("acme", ps, true, now());
+        }
+        for (_, from) in loads {
+            // Park sequences 101.. hold jobs 10.. in order.
+            let ps = from.max(101);
+            let res = parked.get((ps - 101) as usize).map(|&src| (ps, src, src));
+            s.loaded("acme", Ok(res), now());
+        }
+        if let Some(w) = s.next_wake() {
+            tokio::time::advance(Duration::from_nanos(
+                w.as_u64().saturating_sub(now().as_u64()),
+            ))
+            .await;
+            s.fire(now());
+        }
+    }
+    assert_eq!(released, (1..=20).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_redelivered_jobs_merge_with_the_park_by_sequence() {
+    let mut s = sched(TEN_PER_SEC, 500);
+    // The park holds jobs 90 and 120; job 100 was held in memory (unacked) at the crash.
+    s.restore_parked("acme", 2, now());
+    let (_, loads, _) = take(&mut s);
+    assert_eq!(loads.len(), 1, "reads the park before anything else leaves");
+    assert!(
+        matches!(s.offer("acme", 100, true, 100, now()), Offer::Held),
+        "redelivered: never re-parked"
+    );
+    s.loaded("acme", Ok(Some((1, 90, 90))), now());
+    let (rel, loads, _) = take(&mut s);
+    assert_eq!(rel.iter().map(|r| r.1).collect::<Vec<_>>(), vec![90]);
+    assert_eq!(
+        loads,
+        vec![("acme".to_string(), 2)],
+        "100 may not leave before the park is read past it"
+    );
+    s.loaded("acme", Ok(Some((2, 120, 120))), now());
+    let (rel, _, _) = take(&mut s);
+    assert_eq!(rel.iter().map(|r| r.1).collect::<Vec<_>>(), vec![100]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_keys_are_evicted_once_their_bucket_is_full() {
+    let mut s = sched(TEN_PER_SEC, 5_000);
+    s.offer("acme", 1, false, 1, now());
+    let (rel, _, _) = take(&mut s);
+    assert_eq!(rel.len(), 1);
+    s.release_done("acme", None, true, now());
+    assert_eq!(s.evict_idle(now()), 0, "bucket not yet full");
+    assert_eq!(s.stats().keys, 1);
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert_eq!(s.evict_idle(now()), 1);
+    assert_eq!(s.stats().keys, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_release_of_a_parked_job_reads_it_again() {
+    let mut s = sched(TEN_PER_SEC, 500);
+    s.restore_parked("acme", 1, now());
+    take(&mut s);
+    s.loaded("acme", Ok(Some((7, 5, 5))), now());
+    let (rel, _, _) = take(&mut s);
+    assert_eq!(rel, vec![("acme".to_string(), 5, Some(7))]);
+    s.release_done("acme", Some(7), false, now());
+    let (_, loads, _) = take(&mut s);
+    assert_eq!(loads, vec![("acme".to_string(), 7)]);
+}
