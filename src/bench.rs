@@ -1,10 +1,368 @@
-//! `weir bench` (being written).
+//! `weir bench`: the end-to-end benchmark, on one nats-server, in one run.
+//!
+//! 1. The raw JetStream ceiling: the same partitioned work-queue stream, the same number of
+//!    consumers, batch size and publish-ack window as Weir, and per message: consume, republish
+//!    with headers, ack after the publish ack. No throttling.
+//! 2. Weir's pass-through with every key under its limit, on the same preloaded jobs.
+//! 3. Their ratio (medians over `--runs` alternating runs).
+//! 4. Rate error: `--rate-keys` keys with rates spread from 1 to `--max-rate`/s, each with a
+//!    standing backlog, measured over `--rate-seconds`.
+//! 5. A cold key's added latency while a hot key holds a `--hot-backlog` job backlog on the
+//!    same partition.
+//! 6. Resident memory per tracked key, with `--memory-keys` keys holding limiter state.
+//!
+//! Each NATS measure gets a fresh local nats-server (or, with `--nats-url`, fresh streams).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, Context};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Overrides};
+use crate::natsd::LocalNats;
+
+mod raw;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Jobs per throughput run.
+    #[arg(long, default_value_t = 200_000)]
+    pub jobs: u64,
+    /// Alternating raw/Weir runs; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Distinct keys in the throughput runs.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u64,
+    #[arg(long, default_value_t = 16)]
+    pub partitions: u16,
+    #[arg(long, default_value_t = 128)]
+    pub payload: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub rate_keys: u32,
+    #[arg(long, default_value_t = 100)]
+    pub max_rate: u32,
+    #[arg(long, default_value_t = 30)]
+    pub rate_seconds: u64,
+    #[arg(long, default_value_t = 1_000_000)]
+    pub hot_backlog: u64,
+    #[arg(long, default_value_t = 300)]
+    pub cold_samples: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    pub memory_keys: u64,
+    /// Which measures to run, comma-separated: throughput, rate, latency, memory.
+    #[arg(long, default_value = "throughput,rate,latency,memory")]
+    pub only: String,
+}
 
-pub async fn main(_args: BenchArgs) -> Result<(), BoxError> {
-    Err("not yet".into())
+pub async fn main(a: BenchArgs) -> Result<(), BoxError> {
+    let want = |m: &str| a.only.split(',').any(|x| x.trim() == m);
+    println!(
+        "weir bench: nats-server {}, {} cores",
+        crate::natsd::binary(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if want("throughput") {
+        throughput(&a).await?;
+    }
+    if want("rate") {
+        rate_error(&a).await?;
+    }
+    if want("latency") {
+        cold_latency(&a).await?;
+    }
+    if want("memory") {
+        memory_per_key(a.memory_keys);
+    }
+    Ok(())
+}
+
+/// A fresh server and a client on it.
+async fn fresh() -> Result<(LocalNats, async_nats::Client), BoxError> {
+    let n = LocalNats::start()?;
+    let c = async_nats::connect(n.url()).await?;
+    Ok((n, c))
+}
+
+fn config(partitions: u16, extra: &str) -> Result<Config, BoxError> {
+    let text = format!("partitions = {partitions}\nhttp_addr = \"127.0.0.1:0\"\n{extra}");
+    Ok(Config::from_toml(&text, "bench", &Overrides::default())?)
+}
+
+/// Starts Weir in-process; cancel the token to stop it.
+fn start_weir(
+    c: Config,
+    client: async_nats::Client,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let h = tokio::spawn(async move {
+        if let Err(e) = crate::run(c, client, s.cancelled_owned()).await {
+            eprintln!("weir failed: {e}");
+        }
+    });
+    (stop, h)
+}
+
+/// Publishes `n` jobs round-robin over `keys` keys with a window of acks in flight.
+pub async fn preload(
+    js: &Context,
+    prefix: &str,
+    n: u64,
+    keys: u64,
+    payload: usize,
+) -> Result<(), BoxError> {
+    let body = bytes::Bytes::from(vec![b'x'; payload]);
+    let mut inflight = std::collections::VecDeque::with_capacity(1024);
+    for i in 0..n {
+        let subject = format!("{prefix}.sms.key-{}", i % keys.max(1));
+        inflight.push_back(js.publish(subject, body.clone()).await?);
+        if inflight.len() >= 1024 {
+            inflight.pop_front().expect("non-empty").await?;
+        }
+    }
+    for f in inflight {
+        f.await?;
+    }
+    Ok(())
+}
+
+/// Waits until `stream` holds `n` messages; returns when it did.
+async fn wait_count(
+    js: &Context,
+    stream: &str,
+    n: u64,
+    deadline: Duration,
+) -> Result<Instant, BoxError> {
+    let start = Instant::now();
+    let mut s = js.get_stream(stream).await?;
+    loop {
+        if s.info().await?.state.messages >= n {
+            return Ok(Instant::now());
+        }
+        if start.elapsed() > deadline {
+            return Err(format!("{stream} did not reach {n} messages in {deadline:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn throughput(a: &BenchArgs) -> Result<(), BoxError> {
+    let (mut raws, mut weirs) = (Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        let (_n, client) = fresh().await?;
+        let js = jetstream::new(client.clone());
+        let t = raw::run(&js, a.jobs, a.keys, a.partitions, a.payload).await?;
+        raws.push(a.jobs as f64 / t.as_secs_f64());
+
+        let (_n, client) = fresh().await?;
+        let js = jetstream::new(client.clone());
+        let c = config(
+            a.partitions,
+            "[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000",
+        )?;
+        crate::streams::ensure(&js, &c).await?;
+        preload(&js, "jobs", a.jobs, a.keys, a.payload).await?;
+        let start = Instant::now();
+        let (stop, h) = start_weir(c, client.clone());
+        let done = wait_count(
+            &js,
+            crate::job::RELEASED_STREAM,
+            a.jobs,
+            Duration::from_secs(600),
+        )
+        .await?;
+        weirs.push(a.jobs as f64 / (done - start).as_secs_f64());
+        stop.cancel();
+        h.await?;
+        println!(
+            "  run {}: raw {:.0} msgs/s, weir {:.0} msgs/s",
+            run + 1,
+            raws[run],
+            weirs[run]
+        );
+    }
+    let (r, w) = (median(&mut raws), median(&mut weirs));
+    println!(
+        "(1) raw JetStream ceiling (consume, republish, ack; {} partitions): median {r:.0} msgs/s",
+        a.partitions
+    );
+    println!("(2) weir pass-through, all keys under limit:                   median {w:.0} msgs/s");
+    println!("(3) ratio weir/raw: {:.3}", w / r);
+    Ok(())
+}
+
+async fn rate_error(a: &BenchArgs) -> Result<(), BoxError> {
+    let (_n, client) = fresh().await?;
+    let js = jetstream::new(client.clone());
+    let rates: Vec<u32> = (0..a.rate_keys)
+        .map(|i| {
+            1 + (u64::from(i) * u64::from(a.max_rate - 1) / u64::from(a.rate_keys.max(2) - 1))
+                as u32
+        })
+        .collect();
+    let mut extra = String::new();
+    for (i, r) in rates.iter().enumerate() {
+        extra.push_str(&format!(
+            "[limits.keys.rk-{i}]\nrate = \"{r}/s\"\nburst = 1\n"
+        ));
+    }
+    let c = config(a.partitions, &extra)?;
+    crate::streams::ensure(&js, &c).await?;
+    // A standing backlog: each key gets what it releases over the measured window plus 3 s.
+    let mut sub = client.subscribe("released.>").await?;
+    let body = bytes::Bytes::from(vec![b'x'; 16]);
+    let mut inflight = std::collections::VecDeque::new();
+    for (i, r) in rates.iter().enumerate() {
+        for _ in 0..(u64::from(*r) * (a.rate_seconds + 3) + 1) {
+            inflight.push_back(js.publish(format!("jobs.sms.rk-{i}"), body.clone()).await?);
+            if inflight.len() >= 1024 {
+                inflight.pop_front().expect("non-empty").await?;
+            }
+        }
+    }
+    for f in inflight.drain(..) {
+        f.await?;
+    }
+    let (stop, h) = start_weir(c, client.clone());
+    // Skip the first second (the burst and start-up), then count releases per key.
+    let warm = Instant::now() + Duration::from_secs(1);
+    let end = warm + Duration::from_secs(a.rate_seconds);
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    while let Ok(Some(m)) = tokio::time::timeout_at(end.into(), sub.next()).await {
+        if Instant::now() >= warm {
+            let key = m.subject.rsplit('.').next().unwrap_or("").to_string();
+            *counts.entry(key).or_default() += 1;
+        }
+    }
+    stop.cancel();
+    h.await?;
+    let mut errs: Vec<f64> = rates
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let want = f64::from(*r) * a.rate_seconds as f64;
+            let got = counts.get(&format!("rk-{i}")).copied().unwrap_or(0) as f64;
+            (got - want).abs() / want
+        })
+        .collect();
+    let mean = errs.iter().sum::<f64>() / errs.len() as f64;
+    let p50 = median(&mut errs);
+    let max = errs.iter().cloned().fold(0.0, f64::max);
+    let total: u64 = counts.values().sum();
+    println!(
+        "(4) rate error, {} keys at 1..{}/s over {} s ({} released): mean {:.3}%, median {:.3}%, max {:.3}%",
+        a.rate_keys, a.max_rate, a.rate_seconds, total, mean * 100.0, p50 * 100.0, max * 100.0
+    );
+    Ok(())
+}
+
+async fn cold_latency(a: &BenchArgs) -> Result<(), BoxError> {
+    let (_n, client) = fresh().await?;
+    let js = jetstream::new(client.clone());
+    // The hot key is preload's `key-0`, at 100/s; the cold key shares its partition.
+    let c = config(a.partitions, "[limits.keys.key-0]\nrate = \"100/s\"\nburst = 1\n[limits.default]\nrate = \"1000/s\"\nburst = 10")?;
+    let hot_p = crate::job::partition_of("key-0", a.partitions);
+    let cold = (0..)
+        .map(|i| format!("cold-{i}"))
+        .find(|k| crate::job::partition_of(k, a.partitions) == hot_p)
+        .expect("some key");
+    let (stop, h) = start_weir(c, client.clone());
+    preload(&js, "jobs", a.hot_backlog, 1, a.payload).await?;
+    // Wait until the backlog is absorbed (parked), then time cold jobs one at a time.
+    let park = wait_parked(&js, a.hot_backlog).await?;
+    let mut sub = client.subscribe(format!("released.sms.{cold}")).await?;
+    let mut lat = Vec::with_capacity(a.cold_samples);
+    for _ in 0..a.cold_samples {
+        let t = Instant::now();
+        js.publish(format!("jobs.sms.{cold}"), "c".into())
+            .await?
+            .await?;
+        sub.next().await.ok_or("subscription ended")?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    h.await?;
+    lat.sort_by(f64::total_cmp);
+    let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q) as usize];
+    println!(
+        "(5) cold key {cold} with hot key-0 holding {park} parked: added latency p50 {:.2} ms, p99 {:.2} ms (publish ack included)",
+        p(0.5),
+        p(0.99)
+    );
+    Ok(())
+}
+
+async fn wait_parked(js: &Context, backlog: u64) -> Result<u64, BoxError> {
+    let mut park = js.get_stream(crate::job::PARK_STREAM).await?;
+    let mut jobs = js.get_stream(crate::job::JOBS_STREAM).await?;
+    let start = Instant::now();
+    loop {
+        let parked = park.info().await?.state.messages;
+        let waiting = jobs.info().await?.state.messages;
+        if parked >= backlog / 2 && waiting < 1000 || start.elapsed() > Duration::from_secs(600) {
+            return Ok(parked);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resident bytes per key with `n` keys tracked by one scheduler at once (before eviction).
+fn memory_per_key(n: u64) {
+    use crate::scheduler::{Action, Scheduler};
+    let c = Config::from_toml(
+        "[limits.default]\nrate = \"1/h\"\nburst = 1",
+        "bench",
+        &Overrides::default(),
+    )
+    .expect("static");
+    let limits = std::sync::Arc::new(crate::limits::Limits::from_config(&c));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let before = rss();
+    let mut s: Scheduler<()> = Scheduler::new(limits, Duration::from_secs(5), 1);
+    let mut acts = Vec::new();
+    rt.block_on(async {
+        for i in 0..n {
+            let key = format!("customer-{i:07}");
+            s.offer(&key, i, false, (), crate::limiter::now());
+            s.take_actions(&mut acts);
+            for a in acts.drain(..) {
+                if let Action::Release { key, .. } = a {
+                    s.release_done(&key, None, true, crate::limiter::now());
+                }
+            }
+        }
+    });
+    let after = rss();
+    let keys = s.stats().keys;
+    println!(
+        "(6) memory: {keys} keys tracked (13-byte names): {:.0} bytes per key resident",
+        (after.saturating_sub(before)) as f64 / keys as f64
+    );
+    drop(s);
+}
+
+/// Resident set size in bytes (Linux), 0 elsewhere.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
 }

@@ -48,6 +48,17 @@ pub fn partition_transform(partitions: u16) -> (String, String) {
     )
 }
 
+/// The partition nats-server's `{{partition(n,2)}}` transform puts a key in: FNV-1a (32 bit) of
+/// the key token, modulo `n`. For tools and tests; Weir itself never needs to compute it.
+pub fn partition_of(key: &str, partitions: u16) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % u32::from(partitions.max(1))) as u16
+}
+
 /// The consumer filter of one partition.
 pub fn partition_filter(partition: u16) -> String {
     format!("{STORED_PREFIX}.{partition}.*.*")
@@ -250,6 +261,14 @@ mod tests {
         assert_eq!(dead_subject(Some(("sms", "acme"))), "dead.sms.acme");
         assert_eq!(dead_subject(Some(("sms", ""))), "dead.invalid");
         assert_eq!(dead_subject(None), "dead.invalid");
+    }
+
+    #[test]
+    fn partition_of_matches_what_the_server_did() {
+        // Seen on nats-server 2.15 with 4 partitions.
+        for (k, p) in [("acme", 3), ("b", 1), ("hot", 0), ("cold1", 2)] {
+            assert_eq!(partition_of(k, 4), p, "{k}");
+        }
     }
 
     #[test]
