@@ -322,29 +322,23 @@ fn memory_per_key(n: u64) {
     )
     .expect("static");
     let limits = std::sync::Arc::new(crate::limits::Limits::from_config(&c));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
     let before = rss();
     let mut s: Scheduler<()> = Scheduler::new(limits, Duration::from_secs(5), 1);
     let mut acts = Vec::new();
-    rt.block_on(async {
-        for i in 0..n {
-            let key = format!("customer-{i:07}");
-            s.offer(&key, i, false, (), crate::limiter::now());
-            s.take_actions(&mut acts);
-            for a in acts.drain(..) {
-                if let Action::Release { key, .. } = a {
-                    s.release_done(&key, None, true, crate::limiter::now());
-                }
+    for i in 0..n {
+        let key = format!("customer-{i:07}");
+        s.offer(&key, i, false, (), crate::limiter::now());
+        s.take_actions(&mut acts);
+        for a in acts.drain(..) {
+            if let Action::Release { key, .. } = a {
+                s.release_done(&key, None, true, crate::limiter::now());
             }
         }
-    });
+    }
     let after = rss();
     let keys = s.stats().keys;
     println!(
-        "(6) memory: {keys} keys tracked (13-byte names): {:.0} bytes per key resident",
+        "(6) memory: {keys} keys tracked (16-byte names): {:.0} bytes per key resident",
         (after.saturating_sub(before)) as f64 / keys as f64
     );
     drop(s);

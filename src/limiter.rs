@@ -67,13 +67,10 @@ pub fn quota(limit: &Limit) -> Quota {
         .allow_burst(NonZeroU32::new(limit.burst.max(1)).expect("burst >= 1"))
 }
 
-/// One key's GCRA state.
+/// One key's GCRA state: 32 bytes (governor's atomic state, its `t` and `tau`, its start).
 #[derive(Debug)]
 pub struct Bucket<C: Clock<Instant = Nanos> = MonoClock> {
     limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<Nanos>>,
-    /// `burst * T`: how long after its last release a bucket is certainly full again (then an
-    /// idle key's state may be forgotten without changing any future decision).
-    refill: Nanos,
 }
 
 impl Bucket<MonoClock> {
@@ -84,10 +81,8 @@ impl Bucket<MonoClock> {
 
 impl<C: Clock<Instant = Nanos>> Bucket<C> {
     pub fn with_clock(limit: &Limit, clock: C) -> Self {
-        let refill = limit.rate.period().saturating_mul(limit.burst.max(1));
         Bucket {
             limiter: RateLimiter::direct_with_clock(quota(limit), clock),
-            refill: Nanos::from(refill),
         }
     }
 
@@ -97,11 +92,6 @@ impl<C: Clock<Instant = Nanos>> Bucket<C> {
         self.limiter
             .check()
             .map_err(|not_until| not_until.earliest_possible())
-    }
-
-    /// When a bucket whose last release was at `last` is full again.
-    pub fn full_at(&self, last: Nanos) -> Nanos {
-        last + self.refill
     }
 }
 
@@ -137,9 +127,8 @@ mod tests {
     }
 
     #[test]
-    fn a_bucket_is_full_after_burst_periods() {
-        let b = Bucket::with_clock(&limit(10, 1000, 4), FakeRelativeClock::default());
-        assert_eq!(b.full_at(Nanos::new(0)).as_u64(), 400_000_000);
+    fn a_bucket_is_32_bytes() {
+        assert_eq!(std::mem::size_of::<Bucket>(), 32);
     }
 
     proptest! {

@@ -54,12 +54,12 @@ impl Job {
 /// What a publish in flight was for.
 enum Tag {
     Release {
-        key: Arc<str>,
+        key: crate::scheduler::Key,
         park_seq: Option<u64>,
         acker: Option<Acker>,
     },
     Park {
-        key: Arc<str>,
+        key: crate::scheduler::Key,
         acker: Acker,
     },
     Dead {
@@ -69,11 +69,11 @@ enum Tag {
 
 enum OpDone {
     Loaded {
-        key: Arc<str>,
+        key: crate::scheduler::Key,
         res: Result<Option<(u64, u64, Job)>, ()>,
     },
     Purged {
-        key: Arc<str>,
+        key: crate::scheduler::Key,
         below: u64,
         ok: bool,
     },
@@ -247,7 +247,7 @@ impl Partition {
         }
     }
 
-    async fn park(&mut self, key: Arc<str>, dest: &str, seq: u64, mut job: Job) {
+    async fn park(&mut self, key: crate::scheduler::Key, dest: &str, seq: u64, mut job: Job) {
         let mut h = job.headers.take().unwrap_or_default();
         release::stamp(&mut h, &key, dest, job.enqueued_ms, || {
             job::derived_msg_id(seq)
@@ -315,7 +315,7 @@ impl Partition {
         self.actions = actions;
     }
 
-    async fn release(&mut self, key: Arc<str>, held: Held<Job>) {
+    async fn release(&mut self, key: crate::scheduler::Key, held: Held<Job>) {
         let Held {
             src_seq,
             park_seq,

@@ -22,22 +22,27 @@ use hashbrown::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use governor::nanos::Nanos;
 
 use crate::limiter::Bucket;
 use crate::limits::Limits;
 
+/// A key's name. Inline up to 24 bytes: no allocation per key, and cloning one into a timer or
+/// an action copies 24 bytes.
+pub type Key = CompactString;
+
 /// What the partition task must do next.
 #[derive(Debug)]
 pub enum Action<J> {
     /// Publish `job` to `released.<dest>.<key>`; report with [`Scheduler::release_done`].
-    Release { key: Arc<str>, job: Held<J> },
+    Release { key: Key, job: Held<J> },
     /// Read the key's next parked job at or after park sequence `from`; report with
     /// [`Scheduler::loaded`].
-    Load { key: Arc<str>, from: u64 },
+    Load { key: Key, from: u64 },
     /// Delete the key's parked jobs below park sequence `below`; report with
     /// [`Scheduler::purged`].
-    Purge { key: Arc<str>, below: u64 },
+    Purge { key: Key, below: u64 },
 }
 
 /// What became of an offered job.
@@ -46,7 +51,7 @@ pub enum Offer<J> {
     /// Held in memory (and perhaps already released through an action).
     Held,
     /// Beyond the horizon: publish it to the park, then report with [`Scheduler::parked`].
-    Park(Arc<str>, J),
+    Park(Key, J),
 }
 
 /// A job in memory.
@@ -59,24 +64,37 @@ pub struct Held<J> {
     pub job: J,
 }
 
-/// Per-key state. Kept small: a key with no backlog costs the bucket, a few words, and its name.
+/// Per-key state. Kept small (56 bytes, plus the name): most tracked keys have no backlog, and a
+/// key with none costs only its bucket and a few words.
 #[derive(Debug)]
 struct KeyState<J> {
     bucket: Bucket,
-    last_release: Nanos,
-    /// Timer due time in nanos (0: none).
-    wake_at: u64,
+    /// Nanos of the last release.
+    last_release: u64,
+    /// `burst * T` in milliseconds: how long after its last release the bucket is full again.
+    refill_ms: u32,
     /// Releases published and not yet acknowledged.
     inflight: u32,
-    /// Most jobs this key holds in memory: burst plus what it releases within the horizon.
-    cap: u32,
     /// Present only while the key has a backlog.
     busy: Option<Box<Busy<J>>>,
+}
+
+impl<J> KeyState<J> {
+    /// Idle and full again: forgetting it changes no future decision.
+    fn evictable(&self, now: Nanos) -> bool {
+        self.busy.is_none()
+            && self.inflight == 0
+            && self.last_release + u64::from(self.refill_ms) * 1_000_000 <= now.as_u64()
+    }
 }
 
 #[derive(Debug)]
 struct Busy<J> {
     queue: VecDeque<Held<J>>,
+    /// Most jobs held in memory: burst plus what the key releases within the horizon.
+    cap: u32,
+    /// Timer due time in nanos (0: none).
+    wake_at: u64,
     /// Park publishes in flight.
     parking: u32,
     /// Parked jobs not yet read back.
@@ -98,6 +116,8 @@ impl<J> Default for Busy<J> {
     fn default() -> Self {
         Busy {
             queue: VecDeque::new(),
+            cap: 1,
+            wake_at: 0,
             parking: 0,
             unread: 0,
             inflight_parked: 0,
@@ -132,11 +152,10 @@ pub struct Stats {
 }
 
 pub struct Scheduler<J> {
-    keys: HashMap<Arc<str>, KeyState<J>>,
-    timers: BinaryHeap<Reverse<(u64, Arc<str>)>>,
-    idle: BinaryHeap<Reverse<(u64, Arc<str>)>>,
+    keys: HashMap<Key, KeyState<J>>,
+    timers: BinaryHeap<Reverse<(u64, Key)>>,
     /// Keys that want to read from the park but the partition's read-back budget is spent.
-    starved: VecDeque<Arc<str>>,
+    starved: VecDeque<Key>,
     limits: Arc<Limits>,
     horizon: Duration,
     /// Most jobs read back from the park held in memory at once, over all keys.
@@ -151,7 +170,6 @@ impl<J> Scheduler<J> {
         Scheduler {
             keys: HashMap::new(),
             timers: BinaryHeap::new(),
-            idle: BinaryHeap::new(),
             starved: VecDeque::new(),
             limits,
             horizon,
@@ -193,25 +211,6 @@ impl<J> Scheduler<J> {
         self.timers.peek().map(|Reverse((t, _))| Nanos::new(*t))
     }
 
-    fn entry(&mut self, key: &str, now: Nanos) -> (Arc<str>, &mut KeyState<J>) {
-        if !self.keys.contains_key(key) {
-            let limit = self.limits.for_key(key);
-            let ahead = limit.rate.per_second() * self.horizon.as_secs_f64();
-            let cap = (f64::from(limit.burst) + ahead).clamp(1.0, 100_000.0) as u32;
-            let st = KeyState {
-                bucket: Bucket::new(&limit),
-                last_release: now,
-                wake_at: 0,
-                inflight: 0,
-                cap,
-                busy: None,
-            };
-            self.keys.insert(Arc::from(key), st);
-        }
-        let (k, st) = self.keys.get_key_value_mut(key).expect("inserted above");
-        (k.clone(), st)
-    }
-
     /// A job arrived from `WEIR_JOBS`. `redelivered` jobs are never parked (they are older than
     /// anything parked after them) but merged into memory by sequence.
     pub fn offer(
@@ -222,9 +221,9 @@ impl<J> Scheduler<J> {
         job: J,
         now: Nanos,
     ) -> Offer<J> {
-        let (k, st) = self.entry(key, now);
+        let (k, st) = entry(&mut self.keys, &self.limits, key, now);
         if let Some(b) = st.busy.as_deref_mut() {
-            let full = b.queue.len() >= st.cap as usize;
+            let full = b.queue.len() >= b.cap as usize;
             if !redelivered && (b.unread > 0 || b.parking > 0 || full) {
                 b.parking += 1;
                 return Offer::Park(k, job);
@@ -239,11 +238,11 @@ impl<J> Scheduler<J> {
         if st.busy.is_none() {
             if st.bucket.try_take().is_ok() {
                 st.inflight += 1;
-                st.last_release = now;
+                st.last_release = now.as_u64();
                 self.actions.push(Action::Release { key: k, job: held });
                 return Offer::Held;
             }
-            st.busy = Some(Box::default());
+            st.busy = Some(new_busy(&self.limits, self.horizon, key));
         }
         let b = st.busy.as_deref_mut().expect("busy");
         insert_sorted(&mut b.queue, held);
@@ -308,7 +307,7 @@ impl<J> Scheduler<J> {
             }
             Err(()) => {
                 let at = now.as_u64() + 100_000_000;
-                schedule(&mut self.timers, &mut st.wake_at, &k, at);
+                schedule(&mut self.timers, &mut b.wake_at, &k, at);
                 return;
             }
         }
@@ -356,8 +355,10 @@ impl<J> Scheduler<J> {
 
     /// Keys found in the park at start: their jobs are read back before newer ones leave.
     pub fn restore_parked(&mut self, key: &str, count: u64, now: Nanos) {
-        let (k, st) = self.entry(key, now);
-        let b = st.busy.get_or_insert_with(Box::default);
+        let (k, st) = entry(&mut self.keys, &self.limits, key, now);
+        let b = st
+            .busy
+            .get_or_insert_with(|| new_busy(&self.limits, self.horizon, key));
         b.unread += count;
         self.pump(&k, now);
     }
@@ -369,9 +370,9 @@ impl<J> Scheduler<J> {
                 break;
             }
             let Reverse((t, k)) = self.timers.pop().expect("peeked");
-            if let Some(st) = self.keys.get_mut(&k) {
-                if st.wake_at == t {
-                    st.wake_at = 0;
+            if let Some(b) = self.keys.get_mut(&k).and_then(|st| st.busy.as_deref_mut()) {
+                if b.wake_at == t {
+                    b.wake_at = 0;
                     self.pump(&k, now);
                 }
             }
@@ -379,42 +380,25 @@ impl<J> Scheduler<J> {
     }
 
     /// Forgets keys that have been idle long enough for their bucket to be full again: such a key
-    /// behaves exactly like a new one, so its state is pure cost.
+    /// behaves exactly like a new one, so its state is pure cost. One pass over the map (a few
+    /// nanoseconds a key), so the caller runs it every second or so rather than keeping a
+    /// per-key eviction timer, which would cost memory on every tracked key.
     pub fn evict_idle(&mut self, now: Nanos) -> usize {
-        let mut evicted = 0;
-        while let Some(Reverse((t, _))) = self.idle.peek() {
-            if *t > now.as_u64() {
-                break;
-            }
-            let Reverse((_, k)) = self.idle.pop().expect("peeked");
-            let Some(st) = self.keys.get(&k) else {
-                continue;
-            };
-            let idle = st.inflight == 0 && st.busy.as_ref().is_none_or(|b| b.is_idle());
-            if idle && st.wake_at == 0 && st.bucket.full_at(st.last_release) <= now {
-                self.keys.remove(&k);
-                evicted += 1;
-            }
-        }
+        let before = self.keys.len();
+        self.keys.retain(|_, st| !st.evictable(now));
         if self.keys.capacity() > 4 * self.keys.len() + 1024 {
             self.keys.shrink_to_fit();
         }
-        evicted
+        before - self.keys.len()
     }
 
     /// Releases what the key may release now, asks for reads from the park, schedules the next
-    /// look, and marks an idle key for eviction.
-    fn pump(&mut self, k: &Arc<str>, now: Nanos) {
+    /// look, and drops the backlog state of a key that has none left.
+    fn pump(&mut self, k: &Key, now: Nanos) {
         let Some(st) = self.keys.get_mut(k) else {
             return;
         };
         let Some(b) = st.busy.as_deref_mut() else {
-            if st.inflight == 0 {
-                self.idle.push(Reverse((
-                    st.bucket.full_at(st.last_release).as_u64(),
-                    k.clone(),
-                )));
-            }
             return;
         };
         let mut want_load = false;
@@ -433,22 +417,20 @@ impl<J> Scheduler<J> {
                     }
                     self.held -= 1;
                     st.inflight += 1;
-                    st.last_release = now;
+                    st.last_release = now.as_u64();
                     self.actions.push(Action::Release {
                         key: k.clone(),
                         job,
                     });
                 }
                 Err(at) => {
-                    schedule(&mut self.timers, &mut st.wake_at, k, at.as_u64());
+                    schedule(&mut self.timers, &mut b.wake_at, k, at.as_u64());
                     break;
                 }
             }
         }
         let b = st.busy.as_deref_mut().expect("busy");
-        if b.unread > 0
-            && (b.queue.len() < (st.cap as usize).div_ceil(2) || want_load)
-            && !b.loading
+        if b.unread > 0 && (b.queue.len() < (b.cap as usize).div_ceil(2) || want_load) && !b.loading
         {
             if self.loaded < self.load_budget {
                 b.loading = true;
@@ -472,26 +454,55 @@ impl<J> Scheduler<J> {
         }
         if b.is_idle() {
             st.busy = None;
-            if st.inflight == 0 {
-                self.idle.push(Reverse((
-                    st.bucket.full_at(st.last_release).as_u64(),
-                    k.clone(),
-                )));
-            }
         }
     }
 
-    fn key_arc(&self, key: &str) -> Arc<str> {
+    fn key_arc(&self, key: &str) -> Key {
         self.key_arc_opt(key).expect("key present")
     }
 
-    fn key_arc_opt(&self, key: &str) -> Option<Arc<str>> {
+    fn key_arc_opt(&self, key: &str) -> Option<Key> {
         self.keys.get_key_value(key).map(|(k, _)| k.clone())
     }
 }
 
+/// The key's state, created with its limit if it is new.
+fn entry<'a, J>(
+    keys: &'a mut HashMap<Key, KeyState<J>>,
+    limits: &Limits,
+    key: &str,
+    now: Nanos,
+) -> (Key, &'a mut KeyState<J>) {
+    if !keys.contains_key(key) {
+        let limit = limits.for_key(key);
+        let refill = limit.rate.period().saturating_mul(limit.burst).as_millis() + 1;
+        let st = KeyState {
+            bucket: Bucket::new(&limit),
+            last_release: now.as_u64(),
+            refill_ms: refill.min(u128::from(u32::MAX)) as u32,
+            inflight: 0,
+            busy: None,
+        };
+        keys.insert(Key::from(key), st);
+    }
+    let (k, st) = keys.get_key_value_mut(key).expect("inserted above");
+    (k.clone(), st)
+}
+
+/// A fresh `Busy` for `key`: its in-memory cap (burst plus what it releases within the horizon)
+/// comes from its limit.
+fn new_busy<J>(limits: &Limits, horizon: Duration, key: &str) -> Box<Busy<J>> {
+    let limit = limits.for_key(key);
+    let ahead = limit.rate.per_second() * horizon.as_secs_f64();
+    let cap = (f64::from(limit.burst) + ahead).clamp(1.0, 100_000.0) as u32;
+    Box::new(Busy {
+        cap,
+        ..Busy::default()
+    })
+}
+
 /// Sets a key's timer to `at` unless an earlier one is already set.
-fn schedule(timers: &mut BinaryHeap<Reverse<(u64, Arc<str>)>>, w: &mut u64, k: &Arc<str>, at: u64) {
+fn schedule(timers: &mut BinaryHeap<Reverse<(u64, Key)>>, w: &mut u64, k: &Key, at: u64) {
     let at = at.max(1);
     if *w == 0 || at < *w {
         *w = at;

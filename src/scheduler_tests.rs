@@ -146,7 +146,10 @@ async fn idle_keys_are_evicted_once_their_bucket_is_full() {
     s.release_done("acme", None, true, now());
     assert_eq!(s.evict_idle(now()), 0, "bucket not yet full");
     assert_eq!(s.stats().keys, 1);
-    tokio::time::advance(Duration::from_millis(200)).await;
+    // 10/s with burst 2: full again 200 ms after the last release (rounded up to the next ms).
+    tokio::time::advance(Duration::from_millis(199)).await;
+    assert_eq!(s.evict_idle(now()), 0, "bucket not yet full");
+    tokio::time::advance(Duration::from_millis(2)).await;
     assert_eq!(s.evict_idle(now()), 1);
     assert_eq!(s.stats().keys, 0);
 }
