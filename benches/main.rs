@@ -1,1 +1,101 @@
-fn main() {}
+//! Hot-path micro-benchmarks: what Weir spends per job outside NATS.
+//!
+//! `cargo bench` runs them; `weir bench` is the end-to-end benchmark against a real nats-server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use weir::config::{Config, Overrides};
+use weir::limiter::now;
+use weir::limits::Limits;
+use weir::scheduler::{Action, Scheduler};
+
+fn limits(toml: &str) -> Arc<Limits> {
+    let c = Config::from_toml(toml, "bench", &Overrides::default()).expect("config");
+    Arc::new(Limits::from_config(&c))
+}
+
+/// One scheduling decision for a job of a key under its limit (the pass-through path): key
+/// lookup, GCRA check, release action, and the release's completion.
+fn decision(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("scheduler/decision");
+    g.throughput(Throughput::Elements(1));
+    for keys in [1_000u64, 1_000_000] {
+        let mut s: Scheduler<u64> = Scheduler::new(
+            limits("[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000"),
+            Duration::from_secs(5),
+            1000,
+        );
+        let names: Vec<String> = (0..keys).map(|i| format!("customer-{i:07}")).collect();
+        let mut acts = Vec::with_capacity(16);
+        let mut i = 0usize;
+        g.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
+            b.iter(|| {
+                let key = &names[i % names.len()];
+                i += 1;
+                black_box(s.offer(key, i as u64, false, i as u64, now()));
+                s.take_actions(&mut acts);
+                for a in acts.drain(..) {
+                    if let Action::Release { key, job } = a {
+                        s.release_done(&key, job.park_seq, true, now());
+                    }
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+/// A GCRA check on one governor bucket.
+fn bucket(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let limit = Config::from_toml(
+        "[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000",
+        "b",
+        &Overrides::default(),
+    )
+    .expect("config")
+    .default_limit;
+    let b = weir::limiter::Bucket::new(&limit);
+    let mut g = c.benchmark_group("limiter");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("try_take", |bn| bn.iter(|| black_box(b.try_take())));
+    g.finish();
+}
+
+/// Subject parsing and the released job's headers.
+fn release_headers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("release");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("parse_stored", |b| {
+        b.iter(|| {
+            black_box(weir::job::parse_stored(black_box(
+                "weir.in.3.sms.customer-0000042",
+            )))
+        })
+    });
+    g.bench_function("stamp_headers", |b| {
+        b.iter(|| {
+            let mut h = async_nats::HeaderMap::new();
+            weir::release::stamp(&mut h, "customer-0000042", "sms", 1_795_800_000_000, || {
+                weir::job::derived_msg_id(123_456)
+            });
+            weir::release::stamp_released(&mut h, 1_795_800_000_123);
+            black_box(h)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decision, bucket, release_headers);
+criterion_main!(benches);

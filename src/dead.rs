@@ -34,13 +34,16 @@ pub fn headers(
 /// Dead-letters every message of the triage consumer until `cancel`.
 pub async fn triage(js: Context, consumer: PullConsumer, cancel: CancellationToken) {
     let mut pubs: Pipeline<async_nats::jetstream::message::Acker> = Pipeline::new(js, 64);
+    // One waiter for the whole run, not one per job.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     'bind: while !cancel.is_cancelled() {
         let mut messages = match consumer.messages().await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "binding the triage consumer failed; retrying");
                 tokio::select! {
-                    _ = cancel.cancelled() => break 'bind,
+                    _ = &mut cancelled => break 'bind,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'bind,
                 }
             }
@@ -48,7 +51,7 @@ pub async fn triage(js: Context, consumer: PullConsumer, cancel: CancellationTok
         loop {
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break 'bind,
+                _ = &mut cancelled => break 'bind,
                 Some((res, acker)) = pubs.next(), if !pubs.is_empty() => settle(res.is_ok(), acker).await,
                 m = messages.next(), if !pubs.is_full() => match m {
                     Some(Ok(m)) => {

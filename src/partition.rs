@@ -149,6 +149,10 @@ impl Partition {
         let mut armed = None;
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One waiter for the whole run: `cancel.cancelled()` per loop turn would register a new
+        // waiter (under a lock) for every job.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         'bind: while !cancel.is_cancelled() {
             let mut messages = match consumer
                 .stream()
@@ -162,7 +166,7 @@ impl Partition {
                     tracing::warn!(partition = self.id, error = %e, "binding the consumer failed; retrying");
                     self.stats.bound.store(false, Relaxed);
                     tokio::select! {
-                        _ = cancel.cancelled() => break 'bind,
+                        _ = &mut cancelled => break 'bind,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'bind,
                     }
                 }
@@ -178,7 +182,7 @@ impl Partition {
                 }
                 tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => break 'bind,
+                    _ = &mut cancelled => break 'bind,
                     Some((res, tag)) = self.pubs.next(), if !self.pubs.is_empty() => self.on_published(res, tag).await,
                     Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op(done),
                     _ = &mut sleep, if armed.is_some() => { armed = None; self.sched.fire(now()); }

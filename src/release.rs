@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use async_nats::header::HeaderMap;
+use async_nats::header::{HeaderMap, HeaderName};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::Context;
@@ -109,6 +109,13 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+// Header names built once: inserting by `&str` would parse (and allocate) the name per job.
+const MSG_ID: HeaderName = HeaderName::from_static(header::MSG_ID);
+const KEY: HeaderName = HeaderName::from_static(header::KEY);
+const DESTINATION: HeaderName = HeaderName::from_static(header::DESTINATION);
+const ENQUEUED_AT: HeaderName = HeaderName::from_static(header::ENQUEUED_AT);
+const RELEASED_AT: HeaderName = HeaderName::from_static(header::RELEASED_AT);
+
 /// Adds Weir's headers for a fresh job: the key, destination, enqueue time and message id.
 /// Producer headers are kept; a producer's own `Nats-Msg-Id` wins over the derived one.
 pub fn stamp(
@@ -118,17 +125,17 @@ pub fn stamp(
     enqueued_ms: u64,
     msg_id: impl FnOnce() -> String,
 ) {
-    if headers.get(header::MSG_ID).is_none() {
-        headers.insert(header::MSG_ID, msg_id());
+    if headers.get(MSG_ID).is_none() {
+        headers.insert(MSG_ID, msg_id());
     }
-    headers.insert(header::KEY, key);
-    headers.insert(header::DESTINATION, dest);
-    headers.insert(header::ENQUEUED_AT, itoa(enqueued_ms));
+    headers.insert(KEY, key);
+    headers.insert(DESTINATION, dest);
+    headers.insert(ENQUEUED_AT, itoa(enqueued_ms));
 }
 
 /// Marks the moment of release.
 pub fn stamp_released(headers: &mut HeaderMap, released_ms: u64) {
-    headers.insert(header::RELEASED_AT, itoa(released_ms));
+    headers.insert(RELEASED_AT, itoa(released_ms));
 }
 
 fn itoa(n: u64) -> String {
