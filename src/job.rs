@@ -150,8 +150,10 @@ pub fn check_token(t: &str) -> Result<(), TokenError> {
     if t.len() > MAX_TOKEN_LEN {
         return Err(TokenError::TooLong(t.len()));
     }
-    if t.chars()
-        .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control())
+    // Bytes first (keys are nearly always ASCII); chars only when there is non-ASCII.
+    let bad_ascii = |b: u8| b <= b' ' || b == 0x7f || matches!(b, b'.' | b'*' | b'>');
+    if t.bytes().any(bad_ascii)
+        || (!t.is_ascii() && t.chars().any(|c| c.is_whitespace() || c.is_control()))
     {
         return Err(TokenError::BadChar);
     }
