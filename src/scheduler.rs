@@ -160,20 +160,25 @@ pub struct Scheduler<J> {
     horizon: Duration,
     /// Most jobs read back from the park held in memory at once, over all keys.
     load_budget: usize,
+    /// Most fresh (unacked) jobs held in memory at once, over all keys.
+    hold_budget: usize,
     held: usize,
     loaded: usize,
     actions: Vec<Action<J>>,
 }
 
 impl<J> Scheduler<J> {
-    pub fn new(limits: Arc<Limits>, horizon: Duration, load_budget: usize) -> Self {
+    /// `max_held`: the consumer's `max_ack_pending`. Three quarters of it may be held fresh
+    /// (the rest is room for publishes in flight); as many again may be read back from the park.
+    pub fn new(limits: Arc<Limits>, horizon: Duration, max_held: usize) -> Self {
         Scheduler {
             keys: HashMap::new(),
             timers: BinaryHeap::new(),
             starved: VecDeque::new(),
             limits,
             horizon,
-            load_budget: load_budget.max(1),
+            load_budget: max_held.max(1),
+            hold_budget: (max_held * 3 / 4).max(1),
             held: 0,
             loaded: 0,
             actions: Vec::new(),
@@ -221,9 +226,12 @@ impl<J> Scheduler<J> {
         job: J,
         now: Nanos,
     ) -> Offer<J> {
+        // Fresh jobs in memory are unacked and count against the consumer's max_ack_pending:
+        // past the budget, even keys within their horizon park, so the consumer keeps flowing.
+        let over_budget = self.held.saturating_sub(self.loaded) >= self.hold_budget;
         let (k, st) = entry(&mut self.keys, &self.limits, key, now);
         if let Some(b) = st.busy.as_deref_mut() {
-            let full = b.queue.len() >= b.cap as usize;
+            let full = b.queue.len() >= b.cap as usize || over_budget;
             if !redelivered && (b.unread > 0 || b.parking > 0 || full) {
                 b.parking += 1;
                 return Offer::Park(k, job);
@@ -245,6 +253,10 @@ impl<J> Scheduler<J> {
             st.busy = Some(new_busy(&self.limits, self.horizon, key));
         }
         let b = st.busy.as_deref_mut().expect("busy");
+        if over_budget && !redelivered {
+            b.parking += 1;
+            return Offer::Park(k, held.job);
+        }
         insert_sorted(&mut b.queue, held);
         self.held += 1;
         self.pump(&k, now);

@@ -166,3 +166,31 @@ async fn a_failed_release_of_a_parked_job_reads_it_again() {
     let (_, loads, _) = take(&mut s);
     assert_eq!(loads, vec![("acme".to_string(), 7)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn past_the_partition_budget_keys_park_even_within_their_horizon() {
+    let c = Config::from_toml(
+        "[limits.default]\nrate = \"10/s\"\nburst = 1",
+        "t",
+        &Overrides::default(),
+    )
+    .unwrap();
+    // max_held 8: at most 6 fresh jobs held, although each key's horizon would hold 51.
+    let mut s: Scheduler<u64> =
+        Scheduler::new(Arc::new(Limits::from_config(&c)), Duration::from_secs(5), 8);
+    let mut parked = 0;
+    for seq in 1..=10 {
+        if let Offer::Park(..) = s.offer("acme", seq, false, seq, now()) {
+            parked += 1;
+        }
+    }
+    assert_eq!(
+        (s.stats().held, parked),
+        (6, 3),
+        "1 released, 6 held, 3 parked"
+    );
+    assert!(
+        matches!(s.offer("acme", 11, true, 11, now()), Offer::Held),
+        "redeliveries are never parked"
+    );
+}
