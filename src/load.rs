@@ -20,18 +20,20 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::Context;
 use async_nats::Subject;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
-use indicatif::{ProgressBar, ProgressStyle};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::check_token;
+
+mod cli;
+pub use cli::{main, LoadArgs};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -44,12 +46,29 @@ pub struct LoadSpec {
     pub rate: f64,
     /// Jobs per key; 0 = no limit (stop on `duration` or [`Progress::stop`]).
     pub count: u64,
-    /// Stop publishing after this long.
+    /// Paced: publish the jobs due in this time (`rate × keys × duration`, even if the server
+    /// falls behind); unpaced: stop sending when it is over.
     pub duration: Option<Duration>,
     /// Payload size in bytes (the first 8 carry the sequence when there is room).
     pub payload: usize,
     /// Publish acks awaited at once. Give the [`Context`] at least this `max_ack_inflight`.
     pub window: usize,
+}
+
+impl LoadSpec {
+    /// How many jobs this spec publishes, if that is known in advance. Paced, a duration means
+    /// exactly the jobs due within it; unpaced, it is a deadline.
+    pub fn planned(&self) -> Option<u64> {
+        let total_rate = self.rate * self.keys.len() as f64;
+        let by_time = match self.duration {
+            Some(d) if total_rate > 0.0 => {
+                Some((d.as_secs_f64() * total_rate - 1e-9).ceil() as u64)
+            }
+            _ => None,
+        };
+        let by_count = (self.count > 0).then(|| self.count.saturating_mul(self.keys.len() as u64));
+        by_count.into_iter().chain(by_time).min()
+    }
 }
 
 /// Live counters of a running load, and a switch to stop it early. Share it (e.g. in an `Arc`)
@@ -134,8 +153,8 @@ pub async fn publish(
         .map(|k| Subject::from(format!("jobs.{}.{k}", spec.destination)))
         .collect();
     let nkeys = subjects.len() as u64;
-    let total = (spec.count > 0).then(|| spec.count.saturating_mul(nkeys));
     let total_rate = spec.rate * nkeys as f64;
+    let total = spec.planned();
     let template = vec![b'x'; spec.payload];
     let window = spec.window.max(1);
     let local = Progress::default();
@@ -143,15 +162,9 @@ pub async fn publish(
     let mut report = LoadReport::default();
 
     let start = Instant::now();
-    let deadline = spec.duration.map(|d| start + d);
-    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    let until = tokio::time::sleep_until(deadline.map_or(far, tokio::time::Instant::from_std));
-    tokio::pin!(until);
-    let period = if total_rate > 0.0 {
-        Duration::from_secs_f64(1.0 / total_rate).max(Duration::from_millis(1))
-    } else {
-        Duration::from_secs(3600)
-    };
+    let deadline = (spec.duration.filter(|_| total_rate == 0.0)).map(|d| start + d);
+    // Only wakes the loop when paced; what is due is computed from the elapsed time.
+    let period = Duration::from_secs_f64(1.0 / total_rate.max(1e-6)).max(Duration::from_millis(1));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut inflight: FuturesOrdered<Ack> = FuturesOrdered::new();
@@ -209,130 +222,11 @@ pub async fn publish(
             biased;
             _ = p.stop.cancelled(), if sending => sending = false,
             Some(res) = inflight.next(), if !inflight.is_empty() => record(res, &mut report),
-            _ = &mut until, if sending => sending = false,
             _ = tick.tick(), if sending && inflight.len() < window => {}
         }
     }
     report.elapsed = start.elapsed();
     Ok(report)
-}
-
-/// `weir load` flags.
-#[derive(Debug, clap::Args)]
-pub struct LoadArgs {
-    /// NATS URL.
-    #[arg(long, env = "WEIR_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Keys, comma-separated.
-    #[arg(long, value_delimiter = ',', conflicts_with = "key_count")]
-    pub keys: Vec<String>,
-    /// Generate keys key-0 .. key-(N-1) instead of --keys.
-    #[arg(long, default_value_t = 1)]
-    pub key_count: usize,
-    /// Destination token of the subject jobs.<destination>.<key>.
-    #[arg(long, default_value = "sms")]
-    pub destination: String,
-    /// Jobs per second per key; 0 = as fast as possible.
-    #[arg(long, default_value_t = 0.0)]
-    pub rate: f64,
-    /// Jobs per key; 0 = until --seconds or Ctrl-C.
-    #[arg(long, default_value_t = 1000)]
-    pub count: u64,
-    /// Stop after this many seconds.
-    #[arg(long)]
-    pub seconds: Option<f64>,
-    /// Payload bytes (the first 8 carry the job's sequence within its key).
-    #[arg(long, default_value_t = 16)]
-    pub payload: usize,
-    /// Publish acks in flight.
-    #[arg(long, default_value_t = 1024)]
-    pub window: usize,
-}
-
-/// `weir load`: publish, show progress on stderr, print a summary; fails if any publish failed.
-pub async fn main(a: LoadArgs) -> Result<(), BoxError> {
-    let keys = if a.keys.is_empty() {
-        (0..a.key_count).map(|i| format!("key-{i}")).collect()
-    } else {
-        a.keys
-    };
-    let duration = match a.seconds {
-        Some(s) if !(s.is_finite() && s > 0.0) => return Err("--seconds must be > 0".into()),
-        s => s.map(Duration::from_secs_f64),
-    };
-    let spec = LoadSpec {
-        destination: a.destination,
-        keys,
-        rate: a.rate,
-        count: a.count,
-        duration,
-        payload: a.payload,
-        window: a.window.max(1),
-    };
-    let client = async_nats::ConnectOptions::new()
-        .name("weir-load")
-        .connect(&a.nats_url)
-        .await
-        .map_err(|e| format!("cannot connect to NATS at {}: {e}", a.nats_url))?;
-    let js = ContextBuilder::new()
-        .max_ack_inflight(spec.window)
-        .backpressure_on_inflight(true)
-        .build(client.clone());
-    let first = format!("jobs.{}.{}", spec.destination, spec.keys[0]);
-    if js.stream_by_subject(first.clone()).await.is_err() {
-        return Err(format!("no JetStream stream stores {first}; start `weir run` first").into());
-    }
-
-    let total = spec.count * spec.keys.len() as u64;
-    let bar = if total > 0 {
-        ProgressBar::new(total).with_style(style(
-            "{bar:40} {pos}/{len} acked {per_sec} eta {eta} {msg}",
-        ))
-    } else {
-        ProgressBar::no_length().with_style(style("{spinner} {pos} acked {per_sec} {msg}"))
-    };
-    let progress = std::sync::Arc::new(Progress::default());
-    let watch = {
-        let (p, bar) = (progress.clone(), bar.clone());
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_millis(100));
-            let ctrl_c = tokio::signal::ctrl_c();
-            tokio::pin!(ctrl_c);
-            let mut stopped = false;
-            loop {
-                tokio::select! {
-                    _ = t.tick() => {}
-                    _ = &mut ctrl_c, if !stopped => { stopped = true; p.stop() }
-                }
-                bar.set_position(p.acked.load(Relaxed) + p.failed.load(Relaxed));
-                let (sent, failed) = (p.sent.load(Relaxed), p.failed.load(Relaxed));
-                bar.set_message(format!("sent {sent} failed {failed}"));
-            }
-        })
-    };
-    let report = publish(&js, &spec, Some(&progress)).await;
-    watch.abort();
-    bar.finish_and_clear();
-    let r = report?;
-    println!(
-        "{} keys, destination {}: sent {}, acked {}, failed {} in {:.2} s ({:.0} jobs/s acked)",
-        spec.keys.len(),
-        spec.destination,
-        r.sent,
-        r.acked,
-        r.failed,
-        r.elapsed.as_secs_f64(),
-        r.rate()
-    );
-    client.flush().await.ok();
-    match r.first_error {
-        Some(e) => Err(format!("{} publishes failed; first: {e}", r.failed).into()),
-        None => Ok(()),
-    }
-}
-
-fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template).expect("static template")
 }
 
 #[cfg(test)]
@@ -346,5 +240,26 @@ mod tests {
         assert_eq!(seq_of(&p), Some(258));
         assert_eq!(&p[8..], b"xxxxxxxx");
         assert_eq!(seq_of(&payload(&[b'x'; 4], 7)), None);
+    }
+
+    #[test]
+    fn planned_counts() {
+        let mut s = LoadSpec {
+            destination: "sms".into(),
+            keys: vec!["a".into(), "b".into()],
+            rate: 0.0,
+            count: 10,
+            duration: None,
+            payload: 16,
+            window: 8,
+        };
+        assert_eq!(s.planned(), Some(20));
+        s.duration = Some(Duration::from_secs(1));
+        assert_eq!(s.planned(), Some(20));
+        s.rate = 3.0;
+        assert_eq!(s.planned(), Some(6));
+        s.count = 0;
+        s.rate = 0.0;
+        assert_eq!(s.planned(), None);
     }
 }
