@@ -228,10 +228,12 @@ impl Config {
     pub fn from_toml(text: &str, name: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
         let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: name.to_string(),
-            message: e.message().to_string(),
+            message: parse_message(text, &e),
         })?;
-        let mut c = Config::default();
-        c.nats_url = overrides.nats_url.clone().or(file.nats_url);
+        let mut c = Config {
+            nats_url: overrides.nats_url.clone().or(file.nats_url),
+            ..Config::default()
+        };
         if let Some(url) = &c.nats_url {
             if url.trim().is_empty() {
                 return Err(ConfigError::invalid(
@@ -340,6 +342,24 @@ impl Config {
     }
 }
 
+/// The parser's message plus the line it points at: a wrong type ("invalid type: string, expected
+/// i64") names no field by itself.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = text[..start].matches('\n').count() + 1;
+    format!(
+        "{} (line {line}: `{}`)",
+        e.message(),
+        text[start..end].trim()
+    )
+}
+
 fn in_range(field: &str, v: i64, lo: i64, hi: i64, fix: &'static str) -> Result<i64, ConfigError> {
     if (lo..=hi).contains(&v) {
         Ok(v)
@@ -437,6 +457,10 @@ burst = 10
         assert!(e.contains("http_addr"), "{e}");
         let e = load("colour = 1").unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");
+        let e = load("horizon_ms = 1\npartitions = \"many\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2: `partitions = \"many\"`"), "{e}");
         let e = load("[limits.default]\nrate = \"1/s\"\nburst = 0")
             .unwrap_err()
             .to_string();

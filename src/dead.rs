@@ -52,7 +52,7 @@ pub async fn triage(js: Context, consumer: PullConsumer, cancel: CancellationTok
             tokio::select! {
                 biased;
                 _ = &mut cancelled => break 'bind,
-                Some((res, acker)) = pubs.next(), if !pubs.is_empty() => settle(res.is_ok(), acker).await,
+                Some((res, acker)) = pubs.next_ack(), if !pubs.is_empty() => settle(res.is_ok(), acker).await,
                 m = messages.next(), if !pubs.is_full() => match m {
                     Some(Ok(m)) => {
                         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
@@ -70,7 +70,7 @@ pub async fn triage(js: Context, consumer: PullConsumer, cancel: CancellationTok
             }
         }
     }
-    while let Some((res, acker)) = pubs.next().await {
+    while let Some((res, acker)) = pubs.next_ack().await {
         settle(res.is_ok(), acker).await;
     }
 }

@@ -13,6 +13,7 @@
 //! Time is monotonic and injectable: [`MonoClock`] reads `tokio::time::Instant`, so tests drive it
 //! with `tokio::time::pause`/`advance`, and a wall-clock step never moves a rate.
 
+use std::cell::Cell;
 use std::num::NonZeroU32;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -52,10 +53,39 @@ pub fn instant_at(at: Nanos) -> tokio::time::Instant {
     }
 }
 
+/// How far back a decision may be dated: a little over one timer tick.
+pub const MAX_LAG: Duration = Duration::from_micros(2_000);
+
+thread_local! {
+    /// While set (non-zero), the moment bucket decisions are taken as of.
+    static DECIDE_AT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Runs `f` with bucket decisions taken as of `at` (a timer's due time) instead of now, as long
+/// as `at` is at most [`MAX_LAG`] in the past; otherwise as of `now - MAX_LAG`.
+///
+/// Why: tokio's timers fire on whole-millisecond ticks, so a key with a backlog is woken up to a
+/// millisecond after its token is due. GCRA would then date the release (and so every later one)
+/// from that late moment, and a burst-1 key at 100/s would run about 10% slow. Deciding as of the
+/// due time keeps the decisions exactly `T` apart; the publish itself still happens when the task
+/// runs, at most a tick later.
+pub fn decide_at<R>(at: Nanos, f: impl FnOnce() -> R) -> R {
+    let n = now().as_u64();
+    let floor = n.saturating_sub(MAX_LAG.as_nanos() as u64);
+    let at = at.as_u64().clamp(floor, n).max(1);
+    DECIDE_AT.with(|c| c.set(at));
+    let r = f();
+    DECIDE_AT.with(|c| c.set(0));
+    r
+}
+
 impl Clock for MonoClock {
     type Instant = Nanos;
     fn now(&self) -> Nanos {
-        now()
+        match DECIDE_AT.with(Cell::get) {
+            0 => now(),
+            at => Nanos::new(at),
+        }
     }
 }
 
@@ -124,6 +154,28 @@ mod tests {
         clock.advance(Duration::from_millis(100));
         assert!(b.try_take().is_ok());
         assert!(b.try_take().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_timers_do_not_slow_a_burst_one_key() {
+        let b = Bucket::new(&limit(100, 1000, 1));
+        let start = now().as_u64();
+        assert!(b.try_take().is_ok());
+        let mut released = 1;
+        for _ in 0..99 {
+            let due = b.try_take().unwrap_err();
+            // The timer fires 1 ms after the token is due.
+            let late =
+                Duration::from_nanos(due.as_u64() - now().as_u64()) + Duration::from_millis(1);
+            tokio::time::advance(late).await;
+            assert!(decide_at(due, || b.try_take()).is_ok());
+            released += 1;
+        }
+        // 100 releases decided exactly 10 ms apart: 0.99 s of decisions, 1 ms of lag at the end
+        // (deciding late would have taken 99 x 11 ms).
+        assert_eq!(released, 100);
+        let elapsed_ms = (now().as_u64() - start) / 1_000_000;
+        assert!((990..=992).contains(&elapsed_ms), "{elapsed_ms} ms");
     }
 
     #[test]

@@ -67,10 +67,14 @@ enum Tag {
     },
 }
 
+/// A read from the park: `(park_seq, src_seq, job)`. Boxed: a job is large, and most ops in
+/// flight are purges.
+type LoadResult = Result<Option<Box<(u64, u64, Job)>>, ()>;
+
 enum OpDone {
     Loaded {
         key: crate::scheduler::Key,
-        res: Result<Option<(u64, u64, Job)>, ()>,
+        res: LoadResult,
     },
     Purged {
         key: crate::scheduler::Key,
@@ -183,7 +187,7 @@ impl Partition {
                 tokio::select! {
                     biased;
                     _ = &mut cancelled => break 'bind,
-                    Some((res, tag)) = self.pubs.next(), if !self.pubs.is_empty() => self.on_published(res, tag).await,
+                    Some((res, tag)) = self.pubs.next_ack(), if !self.pubs.is_empty() => self.on_published(res, tag).await,
                     Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op(done),
                     _ = &mut sleep, if armed.is_some() => { armed = None; self.sched.fire(now()); }
                     _ = sweep.tick() => {
@@ -212,7 +216,7 @@ impl Partition {
     /// Stop releasing: wait for publishes in flight (acking what they carried), hand back held jobs.
     async fn shutdown(&mut self) {
         self.closing = true;
-        while let Some((res, tag)) = self.pubs.next().await {
+        while let Some((res, tag)) = self.pubs.next_ack().await {
             self.on_published(res, tag).await;
         }
         for h in self.sched.take_all() {
@@ -303,7 +307,9 @@ impl Partition {
                 Action::Load { key, from } => {
                     let (park, p) = (self.park.clone(), self.id);
                     self.ops.push(Box::pin(async move {
-                        let res = park::load(park, p, &key, from).await;
+                        let res = park::load(park, p, &key, from)
+                            .await
+                            .map(|o| o.map(Box::new));
                         OpDone::Loaded { key, res }
                     }));
                 }
@@ -406,7 +412,9 @@ impl Partition {
 
     fn on_op(&mut self, done: OpDone) {
         match done {
-            OpDone::Loaded { key, res } => self.sched.loaded(&key, res, now()),
+            OpDone::Loaded { key, res } => {
+                self.sched.loaded(&key, res.map(|o| o.map(|b| *b)), now())
+            }
             OpDone::Purged { key, below, ok } => self.sched.purged(&key, below, ok, now()),
         }
     }

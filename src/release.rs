@@ -74,7 +74,7 @@ impl<T> Pipeline<T> {
     }
 
     /// The oldest publish's outcome, once it is known.
-    pub fn next(
+    pub fn next_ack(
         &mut self,
     ) -> impl Future<Output = Option<(Result<PublishAck, PublishError>, T)>> + '_ {
         std::future::poll_fn(move |cx: &mut TaskContext<'_>| self.poll_next(cx))

@@ -385,7 +385,10 @@ impl<J> Scheduler<J> {
             if let Some(b) = self.keys.get_mut(&k).and_then(|st| st.busy.as_deref_mut()) {
                 if b.wake_at == t {
                     b.wake_at = 0;
-                    self.pump(&k, now);
+                    // Decide as of the due time, not the (later) moment the timer fired: timers
+                    // tick in whole milliseconds, and deciding late would push every later
+                    // release back too (a burst-1 key at 100/s would run about 10% slow).
+                    crate::limiter::decide_at(Nanos::new(t), || self.pump(&k, now));
                 }
             }
         }

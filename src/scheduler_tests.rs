@@ -13,14 +13,11 @@ fn sched(toml: &str, horizon_ms: u64) -> Scheduler<u64> {
     )
 }
 
+type Releases = Vec<(String, u64, Option<u64>)>;
+type KeyAndSeq = Vec<(String, u64)>;
+
 /// Releases queued so far, as (key, src_seq, park_seq); loads and purges are returned apart.
-fn take(
-    s: &mut Scheduler<u64>,
-) -> (
-    Vec<(String, u64, Option<u64>)>,
-    Vec<(String, u64)>,
-    Vec<(String, u64)>,
-) {
+fn take(s: &mut Scheduler<u64>) -> (Releases, KeyAndSeq, KeyAndSeq) {
     let mut acts = Vec::new();
     s.take_actions(&mut acts);
     let (mut rel, mut loads, mut purges) = (Vec::new(), Vec::new(), Vec::new());

@@ -87,7 +87,7 @@ async fn pass_through(
     loop {
         tokio::select! {
             biased;
-            Some((res, acker)) = pubs.next(), if !pubs.is_empty() => {
+            Some((res, acker)) = pubs.next_ack(), if !pubs.is_empty() => {
                 if res.is_ok() { acker.ack().await?; }
             }
             m = messages.next(), if !pubs.is_full() => {
