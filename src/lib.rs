@@ -14,6 +14,7 @@
 //! - [`limits`]: which limit applies to a key.
 //! - [`limiter`]: per-key GCRA buckets (governor) on a monotonic clock.
 //! - [`park`]: the durable overflow for keys beyond their in-memory horizon.
+//! - [`recover`]: what a partition's previous run left unacked, so order survives a restart.
 //! - [`release`]: pipelined publishing and the released job's headers.
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
 //! - [`admin`]: health and readiness over HTTP.
@@ -34,6 +35,7 @@ pub mod load;
 pub mod natsd;
 pub mod park;
 pub mod partition;
+pub mod recover;
 pub mod release;
 pub mod scheduler;
 pub mod signal;

@@ -27,6 +27,7 @@ use crate::limits::Limits;
 use crate::release::{self, Pipeline};
 use crate::scheduler::{Action, Held, Offer, Scheduler};
 use crate::{dead, park};
+use governor::nanos::Nanos;
 
 /// A job in memory: what it takes to publish it on, and to ack its source.
 pub struct Job {
@@ -104,6 +105,9 @@ pub struct Partition {
     actions: Vec<Action<Job>>,
     stats: Arc<PartitionStats>,
     closing: bool,
+    client: async_nats::Client,
+    /// How long a restart's fence waits for the previous run's unacked jobs: two `ack_wait`s.
+    fence_for: Duration,
 }
 
 impl Partition {
@@ -118,17 +122,32 @@ impl Partition {
         Partition {
             id,
             sched: Scheduler::new(limits, c.horizon, c.max_held_per_partition as usize),
-            pubs: Pipeline::new(js, c.publish_window as usize),
+            pubs: Pipeline::new(js.clone(), c.publish_window as usize),
             ops: FuturesUnordered::new(),
             park,
             actions: Vec::with_capacity(64),
             stats,
             closing: false,
+            client: js.client(),
+            fence_for: c.ack_wait * 2,
         }
     }
 
     /// Runs until `cancel`, then hands back what it holds; the caller bounds the whole by the grace period.
-    pub async fn run(mut self, consumer: PullConsumer, cancel: CancellationToken) {
+    pub async fn run(mut self, mut consumer: PullConsumer, cancel: CancellationToken) {
+        // Jobs the previous run held unacked come back later (after ack_wait) or out of order:
+        // fence their keys so nothing newer overtakes them.
+        match crate::recover::unacked(&self.client, &mut consumer, self.id).await {
+            Ok(keys) => {
+                let until = Nanos::new(now().as_u64() + self.fence_for.as_nanos() as u64);
+                for (k, seqs) in keys {
+                    self.sched.fence(&k, seqs, until, now());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(partition = self.id, error = %e, "listing unacked jobs failed; order after this restart is not guaranteed")
+            }
+        }
         // Keys with parked jobs from an earlier run go first, before newer jobs of theirs.
         loop {
             match park::parked_keys(&self.park, self.id).await {

@@ -95,6 +95,12 @@ struct Busy<J> {
     cap: u32,
     /// Timer due time in nanos (0: none).
     wake_at: u64,
+    /// After a restart: sequences of this key's jobs that were held unacked by the previous
+    /// run and are still to be redelivered (sorted). Nothing newer leaves before they arrive:
+    /// redelivery comes after `ack_wait`, or in any order after a NAK (nats-server #6114).
+    fence: Vec<u64>,
+    /// When the fence is dropped even if some never came back (purged by an operator, say).
+    fence_until: u64,
     /// Park publishes in flight.
     parking: u32,
     /// Parked jobs not yet read back.
@@ -118,6 +124,8 @@ impl<J> Default for Busy<J> {
             queue: VecDeque::new(),
             cap: 1,
             wake_at: 0,
+            fence: Vec::new(),
+            fence_until: 0,
             parking: 0,
             unread: 0,
             inflight_parked: 0,
@@ -140,6 +148,7 @@ impl<J> Busy<J> {
             && !self.loading
             && !self.purging
             && self.purged_below >= self.purge_below
+            && self.fence.is_empty()
     }
 }
 
@@ -253,6 +262,9 @@ impl<J> Scheduler<J> {
             st.busy = Some(new_busy(&self.limits, self.horizon, key));
         }
         let b = st.busy.as_deref_mut().expect("busy");
+        if let Ok(i) = b.fence.binary_search(&src_seq) {
+            b.fence.remove(i);
+        }
         if over_budget && !redelivered {
             b.parking += 1;
             return Offer::Park(k, held.job);
@@ -289,6 +301,9 @@ impl<J> Scheduler<J> {
         b.loading = false;
         match result {
             Ok(Some((park_seq, src_seq, job))) => {
+                if let Ok(i) = b.fence.binary_search(&src_seq) {
+                    b.fence.remove(i); // parked and then redelivered: this copy will do
+                }
                 b.cursor = park_seq + 1;
                 b.unread = b.unread.saturating_sub(1);
                 b.max_loaded_src = b.max_loaded_src.max(src_seq);
@@ -365,6 +380,18 @@ impl<J> Scheduler<J> {
         self.pump(&k, now);
     }
 
+    /// Jobs of `key` the previous run held unacked (their `WEIR_JOBS` sequences): newer jobs of
+    /// the key wait until these are redelivered, or until `until`.
+    pub fn fence(&mut self, key: &str, mut seqs: Vec<u64>, until: Nanos, now: Nanos) {
+        let (_, st) = entry(&mut self.keys, &self.limits, key, now);
+        let b = st
+            .busy
+            .get_or_insert_with(|| new_busy(&self.limits, self.horizon, key));
+        seqs.sort_unstable();
+        b.fence = seqs;
+        b.fence_until = until.as_u64();
+    }
+
     /// Keys found in the park at start: their jobs are read back before newer ones leave.
     pub fn restore_parked(&mut self, key: &str, count: u64, now: Nanos) {
         let (k, st) = entry(&mut self.keys, &self.limits, key, now);
@@ -417,7 +444,16 @@ impl<J> Scheduler<J> {
             return;
         };
         let mut want_load = false;
+        if !b.fence.is_empty() && b.fence_until <= now.as_u64() {
+            tracing::warn!(key = %k, missing = b.fence.len(), "jobs held before a restart did not come back; releasing newer ones");
+            b.fence.clear();
+        }
         while let Some(front) = b.queue.front() {
+            // Older jobs held by the previous run are still to be redelivered.
+            if b.fence.first().is_some_and(|&f| f < front.src_seq) {
+                schedule(&mut self.timers, &mut b.wake_at, k, b.fence_until);
+                break;
+            }
             // A fresh job may leave only if nothing older can still be unread in the park; a job
             // read back from the park is older than everything still unread there.
             if front.park_seq.is_none() && b.unread > 0 && b.max_loaded_src <= front.src_seq {

@@ -191,3 +191,37 @@ async fn past_the_partition_budget_keys_park_even_within_their_horizon() {
         "redeliveries are never parked"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_newer_jobs_wait_for_the_previous_runs_unacked_ones() {
+    let mut s = sched(TEN_PER_SEC, 5_000);
+    let until = Nanos::new(now().as_u64() + 60_000_000_000);
+    s.fence("acme", vec![8, 7], until, now());
+    // Redelivered out of order after a NAK: 8, then a newer fresh 9, then 7.
+    s.offer("acme", 8, true, 8, now());
+    s.offer("acme", 9, false, 9, now());
+    assert!(take(&mut s).0.is_empty(), "7 is still to come back");
+    s.offer("acme", 7, true, 7, now());
+    let (rel, _, _) = take(&mut s);
+    assert_eq!(
+        rel.iter().map(|r| r.1).collect::<Vec<_>>(),
+        vec![7, 8],
+        "burst 2, in order"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fence_whose_jobs_never_come_back_lifts_at_its_deadline() {
+    let mut s = sched(TEN_PER_SEC, 5_000);
+    s.fence(
+        "acme",
+        vec![3],
+        Nanos::new(now().as_u64() + 1_000_000_000),
+        now(),
+    );
+    s.offer("acme", 4, false, 4, now());
+    assert!(take(&mut s).0.is_empty());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    s.fire(now());
+    assert_eq!(take(&mut s).0.len(), 1);
+}

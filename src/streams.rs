@@ -81,6 +81,8 @@ pub async fn ensure(js: &Context, c: &Config) -> Result<Topology, TopologyError>
         }),
         // Acked jobs are done: a work queue deletes them, so the stream holds only what waits.
         retention: RetentionPolicy::WorkQueue,
+        // A restarting partition lists what its previous run left unacked with direct gets.
+        allow_direct: true,
         storage: StorageType::File,
         num_replicas: c.replicas,
         duplicate_window: Duration::from_secs(120),
