@@ -36,8 +36,9 @@ pub struct DemoArgs {
     /// Weir may be running on it: the demo runs its own, with 4 partitions.
     #[arg(long)]
     pub nats_url: Option<String>,
-    /// How long to flood, in seconds.
-    #[arg(long, default_value_t = 20.0)]
+    /// How long to flood, in seconds. At 10x, each key then needs 9x as long to drain: the
+    /// default makes the whole demo about a minute.
+    #[arg(long, default_value_t = 6.0)]
     pub seconds: f64,
     /// Offer each key this many times its limit.
     #[arg(long, default_value_t = 10.0)]
