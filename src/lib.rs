@@ -4,6 +4,24 @@
 //! key's rate (GCRA: rate plus burst) to `released.<destination>.<key>`, keeps every job, and acks
 //! a source job only after its release is durably stored.
 //!
+//! Embedding it: parse a config, connect, and run until a shutdown future completes (the
+//! binary passes SIGTERM/SIGINT; tests pass their own).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = weir::config::Config::from_toml(
+//!     "partitions = 4\n[limits.default]\nrate = \"40/s\"\nburst = 10",
+//!     "inline",
+//!     &Default::default(),
+//! )?;
+//! let client = weir::connect("nats://127.0.0.1:4222").await?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! # drop(stop);
+//! weir::run(config, client, async { let _ = stopped.await; }).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Layout
 //! The modules, in the order a job meets them:
 //! - [`config`]: the configuration, parsed and validated once at start.

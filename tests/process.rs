@@ -12,6 +12,23 @@ const RELEASED: &str = "WEIR_RELEASED";
 const JOBS: &str = "WEIR_JOBS";
 const PARK: &str = "WEIR_PARK";
 
+/// Sends SIGTERM and checks Weir exits 0 within its 5 s grace period; returns how long it took.
+async fn sigterm_within_grace(weir: &mut Proc) -> Duration {
+    let t = Instant::now();
+    weir.sigterm();
+    let status = weir
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("weir exits after SIGTERM");
+    let took = t.elapsed();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert!(
+        took < Duration::from_millis(5000),
+        "SIGTERM took {took:?}, grace is 5 s"
+    );
+    took
+}
+
 /// Reads WEIR_RELEASED and asserts that each key's jobs are there exactly once, in order, and
 /// that the stream holds nothing else.
 async fn assert_released_exactly_once(env: &Env, want: &BTreeMap<String, usize>) {
@@ -201,18 +218,7 @@ burst = 1
     env.wait_stream_at_least(RELEASED, 40, Duration::from_secs(10))
         .await;
 
-    let t = Instant::now();
-    weir.sigterm();
-    let status = weir
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .expect("weir exits after SIGTERM");
-    let took = t.elapsed();
-    assert!(status.success(), "exit status after SIGTERM: {status}");
-    assert!(
-        took < Duration::from_millis(5000),
-        "SIGTERM took {took:?}, grace is 5 s"
-    );
+    let took = sigterm_within_grace(&mut weir).await;
     let released = env.stream_len(RELEASED).await;
     assert!(released < 360, "everything was released before the SIGTERM");
     let mut park = env.js.get_stream(PARK).await.expect("WEIR_PARK");
@@ -267,18 +273,7 @@ burst = 5
     })
     .await;
 
-    let t = Instant::now();
-    weir.sigterm();
-    let status = weir
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .expect("weir exits after SIGTERM");
-    let took = t.elapsed();
-    assert!(status.success(), "exit status after SIGTERM: {status}");
-    assert!(
-        took < Duration::from_millis(5000),
-        "SIGTERM took {took:?}, grace is 5 s"
-    );
+    let took = sigterm_within_grace(&mut weir).await;
     let released = env.stream_len(RELEASED).await;
     assert!(released < 300, "everything was released before the SIGTERM");
     eprintln!("SIGTERM: exit 0 after {took:?} with {released}/300 released");
