@@ -155,7 +155,8 @@ async fn throughput(a: &BenchArgs) -> Result<(), BoxError> {
     let (mut raws, mut weirs) = (Vec::new(), Vec::new());
     for run in 0..a.runs {
         let (_n, client) = fresh().await?;
-        let js = jetstream::new(client.clone());
+        // The same context settings as Weir's (ack semaphore sized to the windows).
+        let js = crate::context(&client, a.partitions, raw::WINDOW);
         let t = raw::run(&js, a.jobs, a.keys, a.partitions, a.payload).await?;
         raws.push(a.jobs as f64 / t.as_secs_f64());
 

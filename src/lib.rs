@@ -60,4 +60,4 @@ pub mod signal;
 pub mod streams;
 
 mod server;
-pub use server::{connect, run, RunError};
+pub use server::{connect, context, run, RunError};

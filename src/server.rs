@@ -43,17 +43,22 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, RunError> {
         })
 }
 
+/// The JetStream context Weir publishes with: room for every partition's publish window (plus
+/// the triage's) in async-nats' ack semaphore, and waiting, not failing, when it is full.
+pub fn context(client: &async_nats::Client, partitions: u16, window: usize) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .max_ack_inflight(window * (partitions as usize + 1) + 1024)
+        .backpressure_on_inflight(true)
+        .build(client.clone())
+}
+
 /// Runs Weir until `shutdown` completes, then drains within `config.shutdown_grace`.
 pub async fn run(
     config: Config,
     client: async_nats::Client,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let window = config.publish_window as usize * (config.partitions as usize + 1);
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(window + 1024)
-        .backpressure_on_inflight(true)
-        .build(client.clone());
+    let js = context(&client, config.partitions, config.publish_window as usize);
     let topo = streams::ensure(&js, &config).await?;
     let limits = Arc::new(Limits::from_config(&config));
     let cancel = CancellationToken::new();

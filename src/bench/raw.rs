@@ -17,7 +17,8 @@ use futures::StreamExt;
 use super::{preload, wait_count, BoxError};
 use crate::release::Pipeline;
 
-const WINDOW: usize = 512;
+/// Publish acks in flight per partition: Weir's default `publish_window`.
+pub const WINDOW: usize = 512;
 const BATCH: usize = 256;
 
 /// Moves `n` preloaded messages through; returns the time from start to the last one stored.
