@@ -116,6 +116,23 @@ impl<C: Clock<Instant = Nanos>> Bucket<C> {
         }
     }
 
+    /// Whether the bucket is full again (its theoretical arrival time has passed), so the key
+    /// behaves exactly like a new one. Spends the bucket when it is: ask only about a key about
+    /// to be forgotten.
+    ///
+    /// governor has no read-only look at the state, but its all-or-nothing `check_n` gives one:
+    /// asking for more than any burst reports the burst without touching the state, and asking
+    /// for the whole burst succeeds exactly when the bucket is full.
+    pub fn is_full(&self) -> bool {
+        // Config caps burst at 1,000,000; this never overflows t * (n - 1) for any rate.
+        const MORE_THAN_ANY_BURST: NonZeroU32 = NonZeroU32::new(1_000_001).expect("non-zero");
+        let burst = match self.limiter.check_n(MORE_THAN_ANY_BURST) {
+            Err(governor::InsufficientCapacity(b)) => b,
+            Ok(r) => return r.is_ok(),
+        };
+        NonZeroU32::new(burst).is_some_and(|b| matches!(self.limiter.check_n(b), Ok(Ok(_))))
+    }
+
     /// Takes one token if there is one; otherwise says when the next one is due.
     #[inline]
     pub fn try_take(&self) -> Result<(), Nanos> {
@@ -176,6 +193,18 @@ mod tests {
         assert_eq!(released, 100);
         let elapsed_ms = (now().as_u64() - start) / 1_000_000;
         assert!((990..=992).contains(&elapsed_ms), "{elapsed_ms} ms");
+    }
+
+    #[test]
+    fn full_means_a_whole_burst_is_available() {
+        let clock = FakeRelativeClock::default();
+        let b = Bucket::with_clock(&limit(10, 1000, 3), clock.clone());
+        assert!(b.try_take().is_ok());
+        // One taken at t=0: full again at T = 100 ms.
+        clock.advance(Duration::from_millis(99));
+        assert!(!b.is_full());
+        clock.advance(Duration::from_millis(1));
+        assert!(b.is_full());
     }
 
     #[test]

@@ -141,7 +141,7 @@ impl Partition {
             Ok(keys) => {
                 let until = Nanos::new(now().as_u64() + self.fence_for.as_nanos() as u64);
                 for (k, seqs) in keys {
-                    self.sched.fence(&k, seqs, until, now());
+                    self.sched.fence(&k, seqs, until);
                 }
             }
             Err(e) => {
@@ -171,6 +171,7 @@ impl Partition {
         tokio::pin!(sleep);
         let mut armed = None;
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
+        let mut ticks = 0u64;
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One waiter for the whole run: `cancel.cancelled()` per loop turn would register a new
         // waiter (under a lock) for every job.
@@ -210,7 +211,11 @@ impl Partition {
                     Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op(done),
                     _ = &mut sleep, if armed.is_some() => { armed = None; self.sched.fire(now()); }
                     _ = sweep.tick() => {
-                        self.sched.evict_idle(now());
+                        // Eviction checks every idle key: every 2 s is plenty.
+                        ticks += 1;
+                        if ticks % 8 == 0 {
+                            self.sched.evict_idle(now());
+                        }
                         let s = self.sched.stats();
                         self.stats.held.store(s.held, Relaxed);
                         self.stats.keys.store(s.keys, Relaxed);

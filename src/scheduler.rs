@@ -64,27 +64,21 @@ pub struct Held<J> {
     pub job: J,
 }
 
-/// Per-key state. Kept small (56 bytes, plus the name): most tracked keys have no backlog, and a
-/// key with none costs only its bucket and a few words.
+/// Per-key state: 40 bytes (plus a 24-byte inline name), because most tracked keys have no
+/// backlog, and a key with none costs only its bucket.
 #[derive(Debug)]
 struct KeyState<J> {
     bucket: Bucket,
-    /// Nanos of the last release.
-    last_release: u64,
-    /// `burst * T` in milliseconds: how long after its last release the bucket is full again.
-    refill_ms: u32,
-    /// Releases published and not yet acknowledged.
-    inflight: u32,
     /// Present only while the key has a backlog.
     busy: Option<Box<Busy<J>>>,
 }
 
 impl<J> KeyState<J> {
-    /// Idle and full again: forgetting it changes no future decision.
-    fn evictable(&self, now: Nanos) -> bool {
-        self.busy.is_none()
-            && self.inflight == 0
-            && self.last_release + u64::from(self.refill_ms) * 1_000_000 <= now.as_u64()
+    /// No backlog and a full bucket: forgetting the key changes no future decision. (A release
+    /// still in flight does not matter: its completion for a forgotten key is ignored, and the
+    /// partition settles its source job either way.)
+    fn evictable(&self) -> bool {
+        self.busy.is_none() && self.bucket.is_full()
     }
 }
 
@@ -238,7 +232,7 @@ impl<J> Scheduler<J> {
         // Fresh jobs in memory are unacked and count against the consumer's max_ack_pending:
         // past the budget, even keys within their horizon park, so the consumer keeps flowing.
         let over_budget = self.held.saturating_sub(self.loaded) >= self.hold_budget;
-        let (k, st) = entry(&mut self.keys, &self.limits, key, now);
+        let (k, st) = entry(&mut self.keys, &self.limits, key);
         if let Some(b) = st.busy.as_deref_mut() {
             let full = b.queue.len() >= b.cap as usize || over_budget;
             if !redelivered && (b.unread > 0 || b.parking > 0 || full) {
@@ -254,8 +248,6 @@ impl<J> Scheduler<J> {
         // Fast path: nothing waiting, a token free: leave now without touching the queue.
         if st.busy.is_none() {
             if st.bucket.try_take().is_ok() {
-                st.inflight += 1;
-                st.last_release = now.as_u64();
                 self.actions.push(Action::Release { key: k, job: held });
                 return Offer::Held;
             }
@@ -348,7 +340,6 @@ impl<J> Scheduler<J> {
             return;
         };
         let st = self.keys.get_mut(key).expect("present");
-        st.inflight = st.inflight.saturating_sub(1);
         if let (Some(ps), Some(b)) = (park_seq, st.busy.as_deref_mut()) {
             b.inflight_parked = b.inflight_parked.saturating_sub(1);
             if ok {
@@ -382,8 +373,8 @@ impl<J> Scheduler<J> {
 
     /// Jobs of `key` the previous run held unacked (their `WEIR_JOBS` sequences): newer jobs of
     /// the key wait until these are redelivered, or until `until`.
-    pub fn fence(&mut self, key: &str, mut seqs: Vec<u64>, until: Nanos, now: Nanos) {
-        let (_, st) = entry(&mut self.keys, &self.limits, key, now);
+    pub fn fence(&mut self, key: &str, mut seqs: Vec<u64>, until: Nanos) {
+        let (_, st) = entry(&mut self.keys, &self.limits, key);
         let b = st
             .busy
             .get_or_insert_with(|| new_busy(&self.limits, self.horizon, key));
@@ -394,7 +385,7 @@ impl<J> Scheduler<J> {
 
     /// Keys found in the park at start: their jobs are read back before newer ones leave.
     pub fn restore_parked(&mut self, key: &str, count: u64, now: Nanos) {
-        let (k, st) = entry(&mut self.keys, &self.limits, key, now);
+        let (k, st) = entry(&mut self.keys, &self.limits, key);
         let b = st
             .busy
             .get_or_insert_with(|| new_busy(&self.limits, self.horizon, key));
@@ -427,7 +418,8 @@ impl<J> Scheduler<J> {
     /// per-key eviction timer, which would cost memory on every tracked key.
     pub fn evict_idle(&mut self, now: Nanos) -> usize {
         let before = self.keys.len();
-        self.keys.retain(|_, st| !st.evictable(now));
+        // One clock reading for the whole pass.
+        crate::limiter::decide_at(now, || self.keys.retain(|_, st| !st.evictable()));
         if self.keys.capacity() > 4 * self.keys.len() + 1024 {
             self.keys.shrink_to_fit();
         }
@@ -467,8 +459,6 @@ impl<J> Scheduler<J> {
                         b.inflight_parked += 1;
                     }
                     self.held -= 1;
-                    st.inflight += 1;
-                    st.last_release = now.as_u64();
                     self.actions.push(Action::Release {
                         key: k.clone(),
                         job,
@@ -522,16 +512,11 @@ fn entry<'a, J>(
     keys: &'a mut HashMap<Key, KeyState<J>>,
     limits: &Limits,
     key: &str,
-    now: Nanos,
 ) -> (Key, &'a mut KeyState<J>) {
     if !keys.contains_key(key) {
         let limit = limits.for_key(key);
-        let refill = limit.rate.period().saturating_mul(limit.burst).as_millis() + 1;
         let st = KeyState {
             bucket: Bucket::new(&limit),
-            last_release: now.as_u64(),
-            refill_ms: refill.min(u128::from(u32::MAX)) as u32,
-            inflight: 0,
             busy: None,
         };
         keys.insert(Key::from(key), st);
