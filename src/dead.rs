@@ -55,7 +55,12 @@ pub async fn triage(js: Context, consumer: PullConsumer, cancel: CancellationTok
                 Some((res, acker)) = pubs.next_ack(), if !pubs.is_empty() => settle(res.is_ok(), acker).await,
                 m = messages.next(), if !pubs.is_full() => match m {
                     Some(Ok(m)) => {
-                        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                            // No sequence, no unique message id: hand it back.
+                            let (_, acker) = m.split();
+                            settle(false, acker).await;
+                            continue;
+                        };
                         let (msg, acker) = m.split();
                         let reason = job::triage(&msg.subject);
                         tracing::info!(subject = %msg.subject, %reason, "dead-lettering a job");

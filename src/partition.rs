@@ -259,7 +259,15 @@ impl Partition {
                 i.delivered > 1,
                 (i.published.unix_timestamp_nanos() / 1_000_000) as u64,
             ),
-            Err(_) => (0, false, release::unix_ms()),
+            Err(e) => {
+                // Without its stream sequence a job has no order and no derived message id:
+                // hand it back rather than guess.
+                tracing::warn!(partition = self.id, error = %e, "a job without JetStream metadata; handing it back");
+                if let Err(e) = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await {
+                    tracing::debug!(error = %e, "nak failed; the job will be redelivered after ack_wait");
+                }
+                return;
+            }
         };
         let (msg, acker) = m.split();
         let subject = msg.subject.clone();
