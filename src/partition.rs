@@ -5,7 +5,7 @@
 //! A partition owns its keys outright (the stream's partition transform sends all of a key's
 //! jobs here), so its state needs no lock: one task, one map.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,15 +84,9 @@ enum OpDone {
     },
 }
 
-/// Counters one partition publishes (relaxed atomics: one writer, readers want a rough view).
+/// What one partition shows the admin listener: whether its consumer is bound (for `/readyz`).
 #[derive(Debug, Default)]
 pub struct PartitionStats {
-    pub received: AtomicU64,
-    pub released: AtomicU64,
-    pub parked: AtomicU64,
-    pub dead: AtomicU64,
-    pub held: AtomicUsize,
-    pub keys: AtomicUsize,
     pub bound: AtomicBool,
 }
 
@@ -216,9 +210,6 @@ impl Partition {
                         if ticks % 8 == 0 {
                             self.sched.evict_idle(now());
                         }
-                        let s = self.sched.stats();
-                        self.stats.held.store(s.held, Relaxed);
-                        self.stats.keys.store(s.keys, Relaxed);
                     }
                     m = messages.next(), if !self.pubs.is_full() => match m {
                         Some(Ok(m)) => self.on_message(m).await,
@@ -252,7 +243,6 @@ impl Partition {
     }
 
     async fn on_message(&mut self, m: async_nats::jetstream::Message) {
-        self.stats.received.fetch_add(1, Relaxed);
         let (seq, redelivered, enqueued_ms) = match m.info() {
             Ok(i) => (
                 i.stream_sequence,
@@ -417,14 +407,10 @@ impl Partition {
                         nak(a, retry).await
                     }
                 }
-                if ok {
-                    self.stats.released.fetch_add(1, Relaxed);
-                }
                 self.sched.release_done(&key, park_seq, ok, now());
             }
             Tag::Park { key, acker } => {
                 if ok {
-                    self.stats.parked.fetch_add(1, Relaxed);
                     ack(acker).await
                 } else {
                     nak(acker, retry).await
@@ -433,7 +419,6 @@ impl Partition {
             }
             Tag::Dead { acker } => {
                 if ok {
-                    self.stats.dead.fetch_add(1, Relaxed);
                     ack(acker).await
                 } else {
                     nak(acker, retry).await

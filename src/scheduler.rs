@@ -336,11 +336,21 @@ impl<J> Scheduler<J> {
     /// A release publish finished. On failure the caller naks a fresh job (it comes back as a
     /// redelivery); a job from the park is read again.
     pub fn release_done(&mut self, key: &str, park_seq: Option<u64>, ok: bool, now: Nanos) {
-        let Some(k) = self.key_arc_opt(key) else {
+        if park_seq.is_some() {
+            self.loaded = self.loaded.saturating_sub(1);
+            if let Some(s) = self.starved.pop_front() {
+                self.pump(&s, now);
+            }
+        }
+        // The pass-through case (a fresh job of a key with no backlog) needs nothing more: one
+        // lookup per completion.
+        let Some((k, st)) = self.keys.get_key_value_mut(key) else {
             return;
         };
-        let st = self.keys.get_mut(key).expect("present");
-        if let (Some(ps), Some(b)) = (park_seq, st.busy.as_deref_mut()) {
+        let Some(b) = st.busy.as_deref_mut() else {
+            return;
+        };
+        if let Some(ps) = park_seq {
             b.inflight_parked = b.inflight_parked.saturating_sub(1);
             if ok {
                 b.purge_below = b.purge_below.max(ps + 1);
@@ -349,12 +359,7 @@ impl<J> Scheduler<J> {
                 b.unread += 1;
             }
         }
-        if park_seq.is_some() {
-            self.loaded = self.loaded.saturating_sub(1);
-            if let Some(s) = self.starved.pop_front() {
-                self.pump(&s, now);
-            }
-        }
+        let k = k.clone();
         self.pump(&k, now);
     }
 
