@@ -57,17 +57,23 @@ impl ConfigError {
     }
 }
 
-/// A rate: `count` jobs per `per`. Parsed from `"N/s"`, `"N/m"` or `"N/h"`.
+/// A rate: `count` jobs per `per`. Parsed from `"N/s"`, `"N/m"` or `"N/h"`; `"0/s"` pauses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
+    /// 0: paused (jobs are kept, none leaves).
     pub count: u32,
     pub per: Duration,
 }
 
 impl Rate {
-    /// The emission interval T = per / count: one job every T.
+    /// The emission interval T = per / count: one job every T (for a paused rate, `per`).
     pub fn period(&self) -> Duration {
-        self.per / self.count
+        self.per / self.count.max(1)
+    }
+
+    /// A rate of zero: the key's jobs are held until the rate is raised.
+    pub fn is_paused(&self) -> bool {
+        self.count == 0
     }
 
     /// Jobs per second, for display and for sizing the in-memory horizon.
@@ -80,7 +86,7 @@ impl std::str::FromStr for Rate {
     type Err = &'static str;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        const FIX: &str = "write a whole number of jobs per unit, e.g. \"40/s\", \"600/m\" or \"5000/h\" (at least 1, at most 1000000000/s)";
+        const FIX: &str = "write a whole number of jobs per unit, e.g. \"40/s\", \"600/m\" or \"5000/h\" (at most 1000000000; \"0/s\" pauses)";
         let (n, unit) = s.trim().split_once('/').ok_or(FIX)?;
         let count: u32 = n.trim().parse().map_err(|_| FIX)?;
         let per = match unit.trim() {
@@ -89,7 +95,7 @@ impl std::str::FromStr for Rate {
             "h" => Duration::from_secs(3600),
             _ => return Err(FIX),
         };
-        if count == 0 || count > 1_000_000_000 {
+        if count > 1_000_000_000 {
             return Err(FIX);
         }
         Ok(Rate { count, per })
@@ -437,7 +443,8 @@ burst = 10
             "3600/h".parse::<Rate>().unwrap().period(),
             Duration::from_secs(1)
         );
-        for bad in ["0/s", "10", "ten/s", "10/d", "-1/s", "1e99/s", ""] {
+        assert!("0/s".parse::<Rate>().unwrap().is_paused());
+        for bad in ["10", "ten/s", "10/d", "-1/s", "1e99/s", ""] {
             assert!(bad.parse::<Rate>().is_err(), "{bad} should be refused");
         }
     }

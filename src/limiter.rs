@@ -133,6 +133,11 @@ impl<C: Clock<Instant = Nanos>> Bucket<C> {
         NonZeroU32::new(burst).is_some_and(|b| matches!(self.limiter.check_n(b), Ok(Ok(_))))
     }
 
+    /// Takes every token there is: the bucket is empty, as if the key had just used its burst.
+    pub fn drain(&self) {
+        while self.limiter.check().is_ok() {}
+    }
+
     /// Takes one token if there is one; otherwise says when the next one is due.
     #[inline]
     pub fn try_take(&self) -> Result<(), Nanos> {

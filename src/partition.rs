@@ -5,7 +5,7 @@
 //! A partition owns its keys outright (the stream's partition transform sends all of a key's
 //! jobs here), so its state needs no lock: one task, one map.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::{self, header, DeadReason};
@@ -84,10 +85,12 @@ enum OpDone {
     },
 }
 
-/// What one partition shows the admin listener: whether its consumer is bound (for `/readyz`).
+/// What one partition shows the admin listener: whether its consumer is bound (for `/readyz`),
+/// and the newest `WEIR_LIMITS` revision it has applied.
 #[derive(Debug, Default)]
 pub struct PartitionStats {
     pub bound: AtomicBool,
+    pub limits_revision: AtomicU64,
 }
 
 pub struct Partition {
@@ -102,6 +105,7 @@ pub struct Partition {
     client: async_nats::Client,
     /// How long a restart's fence waits for the previous run's unacked jobs: two `ack_wait`s.
     fence_for: Duration,
+    limits: watch::Receiver<Arc<Limits>>,
 }
 
 impl Partition {
@@ -109,13 +113,15 @@ impl Partition {
         id: u16,
         js: Context,
         park: Stream,
-        limits: Arc<Limits>,
+        mut limits: watch::Receiver<Arc<Limits>>,
         c: &crate::config::Config,
         stats: Arc<PartitionStats>,
     ) -> Self {
+        let table = limits.borrow_and_update().clone();
+        stats.limits_revision.store(table.revision, Relaxed);
         Partition {
             id,
-            sched: Scheduler::new(limits, c.horizon, c.max_held_per_partition as usize),
+            sched: Scheduler::new(table, c.horizon, c.max_held_per_partition as usize),
             pubs: Pipeline::new(js.clone(), c.publish_window as usize),
             ops: FuturesUnordered::new(),
             park,
@@ -124,6 +130,7 @@ impl Partition {
             closing: false,
             client: js.client(),
             fence_for: c.ack_wait * 2,
+            limits,
         }
     }
 
@@ -201,6 +208,12 @@ impl Partition {
                 tokio::select! {
                     biased;
                     _ = &mut cancelled => break 'bind,
+                    Ok(()) = self.limits.changed() => {
+                        let table = self.limits.borrow_and_update().clone();
+                        let revision = table.revision;
+                        self.sched.set_limits(table, now());
+                        self.stats.limits_revision.store(revision, Relaxed);
+                    }
                     Some((res, tag)) = self.pubs.next_ack(), if !self.pubs.is_empty() => self.on_published(res, tag).await,
                     Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op(done),
                     _ = &mut sleep, if armed.is_some() => { armed = None; self.sched.fire(now()); }

@@ -25,6 +25,7 @@ use std::time::Duration;
 use compact_str::CompactString;
 use governor::nanos::Nanos;
 
+use crate::config::Limit;
 use crate::limiter::Bucket;
 use crate::limits::Limits;
 
@@ -110,6 +111,9 @@ struct Busy<J> {
     purge_below: u64,
     purged_below: u64,
     purging: bool,
+    /// The key's rate is zero: hold everything. A paused key keeps this state even with no
+    /// backlog, so no job of it takes the no-backlog fast path.
+    paused: bool,
 }
 
 impl<J> Default for Busy<J> {
@@ -129,13 +133,15 @@ impl<J> Default for Busy<J> {
             purge_below: 0,
             purged_below: 0,
             purging: false,
+            paused: false,
         }
     }
 }
 
 impl<J> Busy<J> {
     fn is_idle(&self) -> bool {
-        self.queue.is_empty()
+        !self.paused
+            && self.queue.is_empty()
             && self.parking == 0
             && self.unread == 0
             && self.inflight_parked == 0
@@ -232,7 +238,7 @@ impl<J> Scheduler<J> {
         // Fresh jobs in memory are unacked and count against the consumer's max_ack_pending:
         // past the budget, even keys within their horizon park, so the consumer keeps flowing.
         let over_budget = self.held.saturating_sub(self.loaded) >= self.hold_budget;
-        let (k, st) = entry(&mut self.keys, &self.limits, key);
+        let (k, st) = entry(&mut self.keys, &self.limits, self.horizon, key);
         if let Some(b) = st.busy.as_deref_mut() {
             let full = b.queue.len() >= b.cap as usize || over_budget;
             if !redelivered && (b.unread > 0 || b.parking > 0 || full) {
@@ -251,7 +257,7 @@ impl<J> Scheduler<J> {
                 self.actions.push(Action::Release { key: k, job: held });
                 return Offer::Held;
             }
-            st.busy = Some(new_busy(&self.limits, self.horizon, key));
+            st.busy = Some(new_busy(&self.limits.for_key(key), self.horizon));
         }
         let b = st.busy.as_deref_mut().expect("busy");
         if let Ok(i) = b.fence.binary_search(&src_seq) {
@@ -379,10 +385,10 @@ impl<J> Scheduler<J> {
     /// Jobs of `key` the previous run held unacked (their `WEIR_JOBS` sequences): newer jobs of
     /// the key wait until these are redelivered, or until `until`.
     pub fn fence(&mut self, key: &str, mut seqs: Vec<u64>, until: Nanos) {
-        let (_, st) = entry(&mut self.keys, &self.limits, key);
+        let (_, st) = entry(&mut self.keys, &self.limits, self.horizon, key);
         let b = st
             .busy
-            .get_or_insert_with(|| new_busy(&self.limits, self.horizon, key));
+            .get_or_insert_with(|| new_busy(&self.limits.for_key(key), self.horizon));
         seqs.sort_unstable();
         b.fence = seqs;
         b.fence_until = until.as_u64();
@@ -390,10 +396,10 @@ impl<J> Scheduler<J> {
 
     /// Keys found in the park at start: their jobs are read back before newer ones leave.
     pub fn restore_parked(&mut self, key: &str, count: u64, now: Nanos) {
-        let (k, st) = entry(&mut self.keys, &self.limits, key);
+        let (k, st) = entry(&mut self.keys, &self.limits, self.horizon, key);
         let b = st
             .busy
-            .get_or_insert_with(|| new_busy(&self.limits, self.horizon, key));
+            .get_or_insert_with(|| new_busy(&self.limits.for_key(key), self.horizon));
         b.unread += count;
         self.pump(&k, now);
     }
@@ -415,6 +421,51 @@ impl<J> Scheduler<J> {
                 }
             }
         }
+    }
+
+    /// Swaps in a new limits table and re-limits the tracked keys it changes. A key whose
+    /// limit changed gets a new bucket at once: full if the old one was (an idle key behaves as
+    /// a new one), otherwise empty, so the new bound holds from this moment (no extra burst),
+    /// and a key with a backlog is looked at again now, not when its old timer was due.
+    ///
+    /// A change of the default or a pattern resolves every tracked key again (one pass over the
+    /// map); a change of one key's entry touches only that key.
+    pub fn set_limits(&mut self, new: Arc<Limits>, now: Nanos) {
+        let old = std::mem::replace(&mut self.limits, new);
+        let new = self.limits.clone();
+        let changed: Vec<Key> = if new.moves_unnamed_keys(&old) {
+            self.keys
+                .keys()
+                .filter(|k| old.for_key(k) != new.for_key(k))
+                .cloned()
+                .collect()
+        } else {
+            new.changed_keys(&old)
+                .filter_map(|k| self.keys.get_key_value(k).map(|(k, _)| k.clone()))
+                .collect()
+        };
+        for k in changed {
+            self.relimit(&k, &new.for_key(&k), now);
+        }
+    }
+
+    fn relimit(&mut self, k: &Key, limit: &Limit, now: Nanos) {
+        let Some(st) = self.keys.get_mut(k) else {
+            return;
+        };
+        let full = st.bucket.is_full();
+        st.bucket = Bucket::new(limit);
+        if !full {
+            st.bucket.drain();
+        }
+        if limit.rate.is_paused() && st.busy.is_none() {
+            st.busy = Some(Box::default());
+        }
+        if let Some(b) = st.busy.as_deref_mut() {
+            b.set_limit(limit, self.horizon);
+            b.wake_at = 0; // the old timer, if any, is stale: pump sets a new one
+        }
+        self.pump(k, now);
     }
 
     /// Forgets keys that have been idle long enough for their bucket to be full again: such a key
@@ -455,6 +506,9 @@ impl<J> Scheduler<J> {
             // read back from the park is older than everything still unread there.
             if front.park_seq.is_none() && b.unread > 0 && b.max_loaded_src <= front.src_seq {
                 want_load = true;
+                break;
+            }
+            if b.paused {
                 break;
             }
             match st.bucket.try_take() {
@@ -516,13 +570,14 @@ impl<J> Scheduler<J> {
 fn entry<'a, J>(
     keys: &'a mut HashMap<Key, KeyState<J>>,
     limits: &Limits,
+    horizon: Duration,
     key: &str,
 ) -> (Key, &'a mut KeyState<J>) {
     if !keys.contains_key(key) {
         let limit = limits.for_key(key);
         let st = KeyState {
             bucket: Bucket::new(&limit),
-            busy: None,
+            busy: limit.rate.is_paused().then(|| new_busy(&limit, horizon)),
         };
         keys.insert(Key::from(key), st);
     }
@@ -530,16 +585,21 @@ fn entry<'a, J>(
     (k.clone(), st)
 }
 
-/// A fresh `Busy` for `key`: its in-memory cap (burst plus what it releases within the horizon)
-/// comes from its limit.
-fn new_busy<J>(limits: &Limits, horizon: Duration, key: &str) -> Box<Busy<J>> {
-    let limit = limits.for_key(key);
-    let ahead = limit.rate.per_second() * horizon.as_secs_f64();
-    let cap = (f64::from(limit.burst) + ahead).clamp(1.0, 100_000.0) as u32;
-    Box::new(Busy {
-        cap,
-        ..Busy::default()
-    })
+/// A fresh `Busy` for a key with `limit`.
+fn new_busy<J>(limit: &Limit, horizon: Duration) -> Box<Busy<J>> {
+    let mut b = Box::new(Busy::default());
+    b.set_limit(limit, horizon);
+    b
+}
+
+impl<J> Busy<J> {
+    /// The in-memory cap (burst plus what the key releases within the horizon) and the pause
+    /// flag come from the limit.
+    fn set_limit(&mut self, limit: &Limit, horizon: Duration) {
+        let ahead = limit.rate.per_second() * horizon.as_secs_f64();
+        self.cap = (f64::from(limit.burst) + ahead).clamp(1.0, 100_000.0) as u32;
+        self.paused = limit.rate.is_paused();
+    }
 }
 
 /// Sets a key's timer to `at` unless an earlier one is already set.

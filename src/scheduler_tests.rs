@@ -220,3 +220,119 @@ async fn a_fence_whose_jobs_never_come_back_lifts_at_its_deadline() {
     s.fire(now());
     assert_eq!(take(&mut s).0.len(), 1);
 }
+
+/// Advances to the next timer and fires it; returns how many releases it produced.
+async fn step(s: &mut Scheduler<u64>) -> Option<usize> {
+    let wake = s.next_wake()?;
+    tokio::time::advance(Duration::from_nanos(
+        wake.as_u64().saturating_sub(now().as_u64()),
+    ))
+    .await;
+    s.fire(now());
+    Some(take(s).0.len())
+}
+
+fn with_key(s: &Scheduler<u64>, key: &str, json: &str) -> Arc<Limits> {
+    let mut l = (*s.limits).clone();
+    l.apply(&format!("keys.{key}"), Some(json.as_bytes()), l.revision + 1)
+        .unwrap();
+    Arc::new(l)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_raised_limit_speeds_up_a_backlog_at_once() {
+    // A horizon long enough that nothing is parked (this test does not play the park).
+    let mut s = sched("[limits.default]\nrate = \"1/s\"", 200_000);
+    for seq in 1..=150 {
+        s.offer("acme", seq, false, seq, now());
+    }
+    assert_eq!(take(&mut s).0.len(), 1);
+    // The old timer was a second away; the new limit applies now.
+    let l = with_key(&s, "acme", r#"{"rate": "100/s", "burst": 1}"#);
+    s.set_limits(l, now());
+    let start = now();
+    let mut released = 0;
+    while released < 100 {
+        released += step(&mut s).await.expect("a timer");
+    }
+    let took = now().as_u64() - start.as_u64();
+    assert!(took <= 1_010_000_000, "100 jobs took {took} ns at 100/s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lowered_limit_never_exceeds_the_new_bound_after_it_applies() {
+    let mut s = sched("[limits.default]\nrate = \"100/s\"\nburst = 10", 60_000);
+    for seq in 1..=1000 {
+        s.offer("acme", seq, false, seq, now());
+    }
+    assert_eq!(take(&mut s).0.len(), 10);
+    step(&mut s).await;
+    let l = with_key(&s, "acme", r#"{"rate": "2/s", "burst": 1}"#);
+    s.set_limits(l, now());
+    let applied = now().as_u64();
+    let mut times = Vec::new();
+    while now().as_u64() - applied < 10_000_000_000 {
+        let n = step(&mut s).await.expect("a timer");
+        times.extend(std::iter::repeat_n(now().as_u64() - applied, n));
+    }
+    // burst + floor(t / T) for every window from the moment it applied.
+    for (i, &t) in times.iter().enumerate() {
+        assert!(i as u64 + 1 <= 1 + t / 500_000_000, "{} releases by {t} ns", i + 1);
+    }
+    assert!(times.len() >= 18, "{} releases in 10 s at 2/s", times.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_key_holds_everything_until_raised() {
+    let mut s = sched("[limits.default]\nrate = \"10/s\"\n[limits.keys.acme]\nrate = \"0/s\"\nburst = 5", 5_000);
+    for seq in 1..=5 {
+        s.offer("acme", seq, false, seq, now());
+    }
+    assert!(take(&mut s).0.is_empty(), "a paused key releases nothing");
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    s.fire(now());
+    s.evict_idle(now());
+    assert!(take(&mut s).0.is_empty(), "not after an hour either");
+    let l = with_key(&s, "acme", r#"{"rate": "10/s", "burst": 5}"#);
+    s.set_limits(l, now());
+    let mut released = take(&mut s).0.len();
+    while released < 5 {
+        released += step(&mut s).await.expect("a timer");
+    }
+    // Paused again: nothing new leaves, even for a key with no backlog.
+    let l = with_key(&s, "acme", r#"{"rate": "0/s"}"#);
+    s.set_limits(l, now());
+    s.offer("acme", 6, false, 6, now());
+    tokio::time::advance(Duration::from_secs(10)).await;
+    s.fire(now());
+    assert!(take(&mut s).0.is_empty());
+    assert_eq!(s.stats().held, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_default_change_moves_keys_without_a_limit_of_their_own() {
+    let mut s = sched("[limits.default]\nrate = \"1/s\"\n[limits.keys.vip]\nrate = \"1/s\"", 60_000);
+    for seq in 1..=100 {
+        s.offer("plain", seq, false, seq, now());
+        s.offer("vip", 1000 + seq, false, seq, now());
+    }
+    take(&mut s);
+    let mut l = (*s.limits).clone();
+    l.apply("default", Some(br#"{"rate": "50/s"}"#), 1).unwrap();
+    s.set_limits(Arc::new(l), now());
+    tokio::time::advance(Duration::from_millis(500)).await;
+    s.fire(now());
+    let mut plain = 0;
+    let mut vip = 0;
+    let start = now();
+    while now().as_u64() - start.as_u64() < 1_000_000_000 {
+        let Some(w) = s.next_wake() else { break };
+        tokio::time::advance(Duration::from_nanos(w.as_u64().saturating_sub(now().as_u64()))).await;
+        s.fire(now());
+        for (k, _, _) in take(&mut s).0 {
+            if k == "plain" { plain += 1 } else { vip += 1 }
+        }
+    }
+    assert!(plain >= 45, "the default moved plain: {plain}");
+    assert!(vip <= 2, "vip keeps its own limit: {vip}");
+}

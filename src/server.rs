@@ -2,13 +2,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::limits::Limits;
+use crate::limits::{store::Store, Limits};
 use crate::partition::{Partition, PartitionStats};
 use crate::{admin, dead, streams};
 
@@ -22,6 +23,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Topology(#[from] streams::TopologyError),
+    #[error(transparent)]
+    Limits(#[from] crate::limits::store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -60,9 +63,18 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let js = context(&client, config.partitions, config.publish_window as usize);
     let topo = streams::ensure(&js, &config).await?;
-    let limits = Arc::new(Limits::from_config(&config));
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let store = Store::open(&js, &config).await?;
+    let (limits, watcher) = store
+        .clone()
+        .watch(
+            Limits::base(&config),
+            Duration::from_secs(5),
+            |_| {},
+            cancel.clone(),
+        )
+        .await;
 
     let stats: Vec<Arc<PartitionStats>> = (0..config.partitions).map(|_| Arc::default()).collect();
     let state = admin::AdminState {
@@ -123,6 +135,7 @@ pub async fn run(
     {
         tracing::warn!("grace period over; unacked jobs will be redelivered");
     }
+    watcher.abort();
     if let Err(e) = client.drain().await {
         tracing::warn!(error = %e, "draining the NATS connection failed");
     }
