@@ -20,6 +20,10 @@ use crate::partition::PartitionStats;
 pub struct AdminState {
     pub client: async_nats::Client,
     pub partitions: Arc<Vec<Arc<PartitionStats>>>,
+    /// Questions for the partition tasks (key status, busiest keys, purge).
+    pub inspect: crate::inspect::Partitions,
+    /// The `WEIR_LIMITS` bucket.
+    pub limits: crate::limits::store::Store,
 }
 
 pub fn router(state: AdminState) -> Router {

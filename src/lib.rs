@@ -46,6 +46,7 @@ pub mod bench;
 pub mod config;
 pub mod dead;
 pub mod demo;
+pub mod inspect;
 pub mod job;
 pub mod limiter;
 pub mod limits;

@@ -471,7 +471,11 @@ mod tests {
             ("keys.a", br#"{"rate": "5/s", "colour": 1}"#, "colour"),
             ("keys.a", br#"{"rate": "5/s", "pattern": "x*"}"#, "pattern"),
             ("patterns.p", br#"{"rate": "5/s"}"#, "pattern"),
-            ("patterns.p", br#"{"rate": "5/s", "pattern": "a.b"}"#, "pattern"),
+            (
+                "patterns.p",
+                br#"{"rate": "5/s", "pattern": "a.b"}"#,
+                "pattern",
+            ),
             ("colours.red", br#"{"rate": "5/s"}"#, "unknown limits entry"),
         ] {
             let e = l.apply(k, Some(v), 9).unwrap_err().to_string();
@@ -483,7 +487,8 @@ mod tests {
     #[test]
     fn paused_is_a_rate_of_zero() {
         let mut l = Limits::from_config(&config());
-        l.apply("keys.acme", Some(br#"{"rate": "0/s"}"#), 1).unwrap();
+        l.apply("keys.acme", Some(br#"{"rate": "0/s"}"#), 1)
+            .unwrap();
         assert!(l.for_key("acme").rate.is_paused());
     }
 
@@ -511,7 +516,8 @@ mod tests {
         changed.sort();
         assert_eq!(changed, ["acme", "zed"]);
         assert!(!new.moves_unnamed_keys(&old));
-        new.apply("default", Some(br#"{"rate": "3/s"}"#), 3).unwrap();
+        new.apply("default", Some(br#"{"rate": "3/s"}"#), 3)
+            .unwrap();
         assert!(new.moves_unnamed_keys(&old));
     }
 }

@@ -56,6 +56,18 @@ pub async fn purge(park: Stream, partition: u16, key: &str, below: u64) -> bool 
     }
 }
 
+/// Deletes every parked job of the key (an operator's purge); returns how many.
+pub async fn purge_all(park: &Stream, partition: u16, key: &str) -> u64 {
+    let subject = job::park_subject(partition, key);
+    match park.purge().filter(subject).await {
+        Ok(r) => r.purged,
+        Err(e) => {
+            tracing::warn!(partition, key, error = %e, "purging a key's parked jobs failed");
+            0
+        }
+    }
+}
+
 /// The keys of `partition` with parked jobs, and how many each has.
 pub async fn parked_keys(
     park: &Stream,

@@ -19,9 +19,10 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::inspect::{Command, Purged};
 use crate::job::{self, header, DeadReason};
 use crate::limiter::{instant_at, now};
 use crate::limits::Limits;
@@ -106,6 +107,8 @@ pub struct Partition {
     /// How long a restart's fence waits for the previous run's unacked jobs: two `ack_wait`s.
     fence_for: Duration,
     limits: watch::Receiver<Arc<Limits>>,
+    /// Operators' questions ([`crate::inspect`]).
+    commands: mpsc::Receiver<Command>,
 }
 
 impl Partition {
@@ -114,6 +117,7 @@ impl Partition {
         js: Context,
         park: Stream,
         mut limits: watch::Receiver<Arc<Limits>>,
+        commands: mpsc::Receiver<Command>,
         c: &crate::config::Config,
         stats: Arc<PartitionStats>,
     ) -> Self {
@@ -131,6 +135,7 @@ impl Partition {
             client: js.client(),
             fence_for: c.ack_wait * 2,
             limits,
+            commands,
         }
     }
 
@@ -214,6 +219,7 @@ impl Partition {
                         self.sched.set_limits(table, now());
                         self.stats.limits_revision.store(revision, Relaxed);
                     }
+                    Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
                     Some((res, tag)) = self.pubs.next_ack(), if !self.pubs.is_empty() => self.on_published(res, tag).await,
                     Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op(done),
                     _ = &mut sleep, if armed.is_some() => { armed = None; self.sched.fire(now()); }
@@ -436,6 +442,34 @@ impl Partition {
                 } else {
                     nak(acker, retry).await
                 }
+            }
+        }
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Key { key, reply } => {
+                let _ = reply.send(self.sched.view(&key, now()));
+            }
+            Command::Top { limit, reply } => {
+                let _ = reply.send(self.sched.top(limit, now()));
+            }
+            Command::Purge { key, reply } => {
+                let mut purged = Purged::default();
+                for h in self.sched.purge_key(&key) {
+                    if let Some(a) = h.job.acker {
+                        ack(a).await;
+                    }
+                    purged.held += 1;
+                }
+                purged.parked = park::purge_all(&self.park, self.id, &key).await;
+                tracing::info!(
+                    partition = self.id,
+                    key,
+                    ?purged,
+                    "purged a key's pending jobs"
+                );
+                let _ = reply.send(purged);
             }
         }
     }

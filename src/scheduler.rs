@@ -26,6 +26,7 @@ use compact_str::CompactString;
 use governor::nanos::Nanos;
 
 use crate::config::Limit;
+use crate::inspect::KeyView;
 use crate::limiter::Bucket;
 use crate::limits::Limits;
 
@@ -114,6 +115,9 @@ struct Busy<J> {
     /// The key's rate is zero: hold everything. A paused key keeps this state even with no
     /// backlog, so no job of it takes the no-backlog fast path.
     paused: bool,
+    /// Jobs offered and released since the key's backlog began: for operators (`weir top`).
+    offered: u64,
+    released: u64,
 }
 
 impl<J> Default for Busy<J> {
@@ -134,6 +138,8 @@ impl<J> Default for Busy<J> {
             purged_below: 0,
             purging: false,
             paused: false,
+            offered: 0,
+            released: 0,
         }
     }
 }
@@ -242,6 +248,7 @@ impl<J> Scheduler<J> {
         if let Some(b) = st.busy.as_deref_mut() {
             let full = b.queue.len() >= b.cap as usize || over_budget;
             if !redelivered && (b.unread > 0 || b.parking > 0 || full) {
+                b.offered += 1;
                 b.parking += 1;
                 return Offer::Park(k, job);
             }
@@ -260,6 +267,7 @@ impl<J> Scheduler<J> {
             st.busy = Some(new_busy(&self.limits.for_key(key), self.horizon));
         }
         let b = st.busy.as_deref_mut().expect("busy");
+        b.offered += 1;
         if let Ok(i) = b.fence.binary_search(&src_seq) {
             b.fence.remove(i);
         }
@@ -423,6 +431,55 @@ impl<J> Scheduler<J> {
         }
     }
 
+    /// What the partition knows of `key`, if it tracks it.
+    pub fn view(&self, key: &str, now: Nanos) -> Option<KeyView> {
+        let st = self.keys.get(key)?;
+        Some(view(key, st.busy.as_deref(), now))
+    }
+
+    /// The `n` keys with the largest backlog.
+    pub fn top(&self, n: usize, now: Nanos) -> Vec<KeyView> {
+        let mut busy: Vec<(u64, &Key, &Busy<J>)> = self
+            .keys
+            .iter()
+            .filter_map(|(k, st)| {
+                st.busy
+                    .as_deref()
+                    .map(|b| (b.queue.len() as u64 + b.unread, k, b))
+            })
+            .collect();
+        let n = n.min(busy.len());
+        if n == 0 {
+            return Vec::new();
+        }
+        busy.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0));
+        busy.truncate(n);
+        busy.into_iter()
+            .map(|(_, k, b)| view(k, Some(b), now))
+            .collect()
+    }
+
+    /// Drops a key's backlog: returns the jobs held in memory (the caller acks fresh ones, so
+    /// they are gone) and forgets its parked ones (the caller purges them from the park).
+    /// A read from the park in flight may still bring back one job.
+    pub fn purge_key(&mut self, key: &str) -> Vec<Held<J>> {
+        let Some(b) = self.keys.get_mut(key).and_then(|st| st.busy.as_deref_mut()) else {
+            return Vec::new();
+        };
+        let jobs: Vec<Held<J>> = b.queue.drain(..).collect();
+        let loaded = jobs.iter().filter(|h| h.park_seq.is_some()).count();
+        self.held -= jobs.len();
+        self.loaded -= loaded;
+        b.unread = 0;
+        b.fence.clear();
+        b.purge_below = 0;
+        b.purged_below = 0;
+        if b.is_idle() {
+            self.keys.get_mut(key).expect("present").busy = None;
+        }
+        jobs
+    }
+
     /// Swaps in a new limits table and re-limits the tracked keys it changes. A key whose
     /// limit changed gets a new bucket at once: full if the old one was (an idle key behaves as
     /// a new one), otherwise empty, so the new bound holds from this moment (no extra burst),
@@ -514,6 +571,7 @@ impl<J> Scheduler<J> {
             match st.bucket.try_take() {
                 Ok(()) => {
                     let job = b.queue.pop_front().expect("front");
+                    b.released += 1;
                     if job.park_seq.is_some() {
                         b.inflight_parked += 1;
                     }
@@ -583,6 +641,25 @@ fn entry<'a, J>(
     }
     let (k, st) = keys.get_key_value_mut(key).expect("inserted above");
     (k.clone(), st)
+}
+
+fn view<J>(key: &str, b: Option<&Busy<J>>, now: Nanos) -> KeyView {
+    let Some(b) = b else {
+        return KeyView {
+            key: key.to_string(),
+            ..KeyView::default()
+        };
+    };
+    KeyView {
+        key: key.to_string(),
+        held: b.queue.len() as u64,
+        parked: b.unread + u64::from(b.parking),
+        next_release_in_ms: (b.wake_at != 0 && !b.paused)
+            .then(|| b.wake_at.saturating_sub(now.as_u64()) / 1_000_000),
+        paused: b.paused,
+        offered: b.offered,
+        released: b.released,
+    }
 }
 
 /// A fresh `Busy` for a key with `limit`.

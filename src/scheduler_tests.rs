@@ -234,8 +234,12 @@ async fn step(s: &mut Scheduler<u64>) -> Option<usize> {
 
 fn with_key(s: &Scheduler<u64>, key: &str, json: &str) -> Arc<Limits> {
     let mut l = (*s.limits).clone();
-    l.apply(&format!("keys.{key}"), Some(json.as_bytes()), l.revision + 1)
-        .unwrap();
+    l.apply(
+        &format!("keys.{key}"),
+        Some(json.as_bytes()),
+        l.revision + 1,
+    )
+    .unwrap();
     Arc::new(l)
 }
 
@@ -276,15 +280,18 @@ async fn a_lowered_limit_never_exceeds_the_new_bound_after_it_applies() {
         times.extend(std::iter::repeat_n(now().as_u64() - applied, n));
     }
     // burst + floor(t / T) for every window from the moment it applied.
-    for (i, &t) in times.iter().enumerate() {
-        assert!(i as u64 + 1 <= 1 + t / 500_000_000, "{} releases by {t} ns", i + 1);
+    for (n, &t) in (1u64..).zip(times.iter()) {
+        assert!(n <= 1 + t / 500_000_000, "{} releases by {t} ns", n);
     }
     assert!(times.len() >= 18, "{} releases in 10 s at 2/s", times.len());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_paused_key_holds_everything_until_raised() {
-    let mut s = sched("[limits.default]\nrate = \"10/s\"\n[limits.keys.acme]\nrate = \"0/s\"\nburst = 5", 5_000);
+    let mut s = sched(
+        "[limits.default]\nrate = \"10/s\"\n[limits.keys.acme]\nrate = \"0/s\"\nburst = 5",
+        5_000,
+    );
     for seq in 1..=5 {
         s.offer("acme", seq, false, seq, now());
     }
@@ -311,7 +318,10 @@ async fn a_paused_key_holds_everything_until_raised() {
 
 #[tokio::test(start_paused = true)]
 async fn a_default_change_moves_keys_without_a_limit_of_their_own() {
-    let mut s = sched("[limits.default]\nrate = \"1/s\"\n[limits.keys.vip]\nrate = \"1/s\"", 60_000);
+    let mut s = sched(
+        "[limits.default]\nrate = \"1/s\"\n[limits.keys.vip]\nrate = \"1/s\"",
+        60_000,
+    );
     for seq in 1..=100 {
         s.offer("plain", seq, false, seq, now());
         s.offer("vip", 1000 + seq, false, seq, now());
@@ -327,10 +337,17 @@ async fn a_default_change_moves_keys_without_a_limit_of_their_own() {
     let start = now();
     while now().as_u64() - start.as_u64() < 1_000_000_000 {
         let Some(w) = s.next_wake() else { break };
-        tokio::time::advance(Duration::from_nanos(w.as_u64().saturating_sub(now().as_u64()))).await;
+        tokio::time::advance(Duration::from_nanos(
+            w.as_u64().saturating_sub(now().as_u64()),
+        ))
+        .await;
         s.fire(now());
         for (k, _, _) in take(&mut s).0 {
-            if k == "plain" { plain += 1 } else { vip += 1 }
+            if k == "plain" {
+                plain += 1
+            } else {
+                vip += 1
+            }
         }
     }
     assert!(plain >= 45, "the default moved plain: {plain}");

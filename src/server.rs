@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::limits::{store::Store, Limits};
 use crate::partition::{Partition, PartitionStats};
-use crate::{admin, dead, streams};
+use crate::{admin, dead, inspect, streams};
 
 /// Why Weir stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +77,20 @@ pub async fn run(
         .await;
 
     let stats: Vec<Arc<PartitionStats>> = (0..config.partitions).map(|_| Arc::default()).collect();
+    let (senders, mut receivers): (Vec<_>, Vec<_>) =
+        (0..config.partitions).map(|_| inspect::channel()).unzip();
+    let inspect = inspect::Partitions::new(
+        senders,
+        topo.jobs.clone(),
+        topo.released.clone(),
+        topo.dead.clone(),
+        limits.clone(),
+    );
     let state = admin::AdminState {
         client: client.clone(),
         partitions: Arc::new(stats.clone()),
+        inspect,
+        limits: store.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -110,6 +121,7 @@ pub async fn run(
             js.clone(),
             topo.park.clone(),
             limits.clone(),
+            receivers.remove(0),
             &config,
             stats[p as usize].clone(),
         );

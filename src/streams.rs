@@ -66,7 +66,9 @@ pub fn triage_filters() -> Vec<String> {
 #[derive(Clone)]
 pub struct Topology {
     pub jobs: Stream,
+    pub released: Stream,
     pub park: Stream,
+    pub dead: Stream,
 }
 
 /// Creates (or checks) `WEIR_JOBS`, `WEIR_RELEASED`, `WEIR_PARK` and `WEIR_DEAD`.
@@ -89,14 +91,19 @@ pub async fn ensure(js: &Context, c: &Config) -> Result<Topology, TopologyError>
         ..Default::default()
     };
     let jobs = ensure_stream(js, jobs_cfg).await?;
-    ensure_stream(js, plain(job::RELEASED_STREAM, "released.>", c.replicas)).await?;
-    ensure_stream(js, plain(job::DEAD_STREAM, "dead.>", c.replicas)).await?;
+    let released = ensure_stream(js, plain(job::RELEASED_STREAM, "released.>", c.replicas)).await?;
+    let dead = ensure_stream(js, plain(job::DEAD_STREAM, "dead.>", c.replicas)).await?;
     let mut park_cfg = plain(job::PARK_STREAM, "park.>", c.replicas);
     // Parked jobs are read back per key with direct get (next message for a subject after a
     // sequence), which needs no consumer per key.
     park_cfg.allow_direct = true;
     let park = ensure_stream(js, park_cfg).await?;
-    Ok(Topology { jobs, park })
+    Ok(Topology {
+        jobs,
+        released,
+        park,
+        dead,
+    })
 }
 
 fn plain(name: &str, subject: &str, replicas: usize) -> StreamConfig {

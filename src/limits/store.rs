@@ -37,7 +37,9 @@ pub const BUCKET: &str = "WEIR_LIMITS";
 /// Why a bucket operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the {BUCKET} bucket does not exist yet: start `weir run` once (it creates and seeds it)")]
+    #[error(
+        "the {BUCKET} bucket does not exist yet: start `weir run` once (it creates and seeds it)"
+    )]
     Missing,
     #[error(transparent)]
     Invalid(#[from] LimitError),
@@ -79,8 +81,8 @@ impl Store {
         let kv = js
             .create_key_value(kv::Config {
                 bucket: BUCKET.into(),
-                description: "Weir limits: default, keys.<key>, patterns.<name>, destinations.<dest>"
-                    .into(),
+                description:
+                    "Weir limits: default, keys.<key>, patterns.<name>, destinations.<dest>".into(),
                 history: 5,
                 num_replicas: config.replicas,
                 ..Default::default()
@@ -210,7 +212,10 @@ impl Store {
             }
         });
         if tokio::time::timeout(ready_within, ready_rx).await.is_err() {
-            tracing::warn!(bucket = BUCKET, "limits not read in time; the config file's are in force until they are");
+            tracing::warn!(
+                bucket = BUCKET,
+                "limits not read in time; the config file's are in force until they are"
+            );
         }
         (rx, task)
     }

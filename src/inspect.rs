@@ -1,0 +1,247 @@
+//! What operators ask a running Weir: one key's state, the busiest keys, and purging a key.
+//!
+//! A partition's state lives in its task with no lock, so questions are sent to the task over a
+//! bounded channel and answered between jobs. [`Partitions`] routes a key's question to the
+//! partition that owns it (the same FNV-1a hash nats-server's partition transform uses).
+//! Figures that JetStream already keeps (parked jobs, released and dead counts) are read from
+//! the streams' per-subject counts, so per-key figures cost no memory in Weir.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::stream::Stream;
+use futures::TryStreamExt;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Limit;
+use crate::job;
+use crate::limits::Limits;
+
+/// A key as its partition sees it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct KeyView {
+    pub key: String,
+    /// Jobs of the key held in memory.
+    pub held: u64,
+    /// Jobs of the key in the park not yet read back.
+    pub parked: u64,
+    /// When the next job may leave, from now (none: no backlog, or paused).
+    pub next_release_in_ms: Option<u64>,
+    pub paused: bool,
+    /// Jobs offered and released since the key last had a backlog (0 for a key with none).
+    pub offered: u64,
+    pub released: u64,
+}
+
+impl KeyView {
+    pub fn backlog(&self) -> u64 {
+        self.held + self.parked
+    }
+}
+
+/// What purging a key's pending jobs removed.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Purged {
+    /// Jobs held in memory (acked without release).
+    pub held: u64,
+    /// Jobs deleted from the park.
+    pub parked: u64,
+    /// Jobs deleted from `WEIR_JOBS` before any partition read them.
+    pub queued: u64,
+}
+
+impl Purged {
+    pub fn total(&self) -> u64 {
+        self.held + self.parked + self.queued
+    }
+}
+
+/// A question for a partition task.
+pub enum Command {
+    Key {
+        key: String,
+        reply: oneshot::Sender<Option<KeyView>>,
+    },
+    Top {
+        limit: usize,
+        reply: oneshot::Sender<Vec<KeyView>>,
+    },
+    Purge {
+        key: String,
+        reply: oneshot::Sender<Purged>,
+    },
+}
+
+/// Why a question got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("partition {0} is not running (starting, or shutting down)")]
+    Unavailable(u16),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// Handles to every partition task of this process.
+#[derive(Clone)]
+pub struct Partitions {
+    senders: Arc<Vec<mpsc::Sender<Command>>>,
+    jobs: Stream,
+    released: Stream,
+    dead: Stream,
+    limits: tokio::sync::watch::Receiver<Arc<Limits>>,
+}
+
+/// Everything known about one key: its partition's view, its effective limit, and counts from
+/// the streams.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyStatus {
+    #[serde(flatten)]
+    pub view: KeyView,
+    pub partition: u16,
+    pub limit: LimitView,
+    /// Released jobs of the key still stored in `WEIR_RELEASED`.
+    pub released_stored: u64,
+    /// Dead-lettered jobs of the key in `WEIR_DEAD`.
+    pub dead: u64,
+}
+
+/// A limit and where it came from (`key`, `pattern:<name>` or `default`).
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitView {
+    pub rate: String,
+    pub burst: u32,
+    pub source: String,
+}
+
+impl LimitView {
+    pub fn new(l: &Limit, source: impl ToString) -> Self {
+        LimitView {
+            rate: l.rate.to_string(),
+            burst: l.burst,
+            source: source.to_string(),
+        }
+    }
+}
+
+/// One partition's end: the channel and a way to make it.
+pub fn channel() -> (mpsc::Sender<Command>, mpsc::Receiver<Command>) {
+    mpsc::channel(64)
+}
+
+impl Partitions {
+    pub fn new(
+        senders: Vec<mpsc::Sender<Command>>,
+        jobs: Stream,
+        released: Stream,
+        dead: Stream,
+        limits: tokio::sync::watch::Receiver<Arc<Limits>>,
+    ) -> Self {
+        Partitions {
+            senders: Arc::new(senders),
+            jobs,
+            released,
+            dead,
+            limits,
+        }
+    }
+
+    pub fn count(&self) -> u16 {
+        self.senders.len() as u16
+    }
+
+    /// The limits in force in this process.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.borrow().clone()
+    }
+
+    async fn ask<T>(
+        &self,
+        p: u16,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, InspectError> {
+        let (tx, rx) = oneshot::channel();
+        self.senders[p as usize]
+            .send(make(tx))
+            .await
+            .map_err(|_| InspectError::Unavailable(p))?;
+        rx.await.map_err(|_| InspectError::Unavailable(p))
+    }
+
+    /// A key's status; `None` for a key Weir has no trace of (no state, nothing parked,
+    /// released or dead).
+    pub async fn key(&self, key: &str) -> Result<Option<KeyStatus>, InspectError> {
+        let p = job::partition_of(key, self.count());
+        let view = self
+            .ask(p, |reply| Command::Key {
+                key: key.to_string(),
+                reply,
+            })
+            .await?;
+        let released_stored = subject_count(&self.released, format!("released.*.{key}")).await?;
+        let dead = subject_count(&self.dead, format!("dead.*.{key}")).await?;
+        if view.is_none() && released_stored == 0 && dead == 0 {
+            return Ok(None);
+        }
+        let limits = self.limits();
+        let (limit, source) = limits.resolve(key);
+        Ok(Some(KeyStatus {
+            view: view.unwrap_or_else(|| KeyView {
+                key: key.to_string(),
+                ..KeyView::default()
+            }),
+            partition: p,
+            limit: LimitView::new(&limit, source),
+            released_stored,
+            dead,
+        }))
+    }
+
+    /// The `limit` keys with the largest backlog, over every partition.
+    pub async fn top(&self, limit: usize) -> Result<Vec<KeyView>, InspectError> {
+        let mut all = Vec::new();
+        for p in 0..self.count() {
+            all.extend(self.ask(p, |reply| Command::Top { limit, reply }).await?);
+        }
+        all.sort_by(|a, b| b.backlog().cmp(&a.backlog()).then(a.key.cmp(&b.key)));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// Deletes a key's pending jobs: held in memory, parked, and queued in `WEIR_JOBS`
+    /// (SHARQ's `clear_queue`). Jobs published while the purge runs may survive it.
+    pub async fn purge(&self, key: &str) -> Result<Purged, InspectError> {
+        let p = job::partition_of(key, self.count());
+        let mut purged = self
+            .ask(p, |reply| Command::Purge {
+                key: key.to_string(),
+                reply,
+            })
+            .await?;
+        let filter = format!("{}.{p}.*.{key}", job::STORED_PREFIX);
+        purged.queued = self
+            .jobs
+            .purge()
+            .filter(filter)
+            .await
+            .map_err(|e| InspectError::Nats(e.to_string()))?
+            .purged;
+        Ok(purged)
+    }
+}
+
+/// Messages stored under `filter`, summed over its subjects.
+async fn subject_count(stream: &Stream, filter: String) -> Result<u64, InspectError> {
+    let mut info = stream
+        .info_with_subjects(filter)
+        .await
+        .map_err(|e| InspectError::Nats(e.to_string()))?;
+    let mut n = 0u64;
+    while let Some((_, c)) = info
+        .try_next()
+        .await
+        .map_err(|e| InspectError::Nats(e.to_string()))?
+    {
+        n += c as u64;
+    }
+    Ok(n)
+}
