@@ -29,8 +29,10 @@
 //! - [`job`]: subjects, headers and the naming contract.
 //! - [`partition`]: one task per partition: ingest from its consumer, carry out the scheduler's decisions.
 //! - [`scheduler`]: per-key queues and timers: release, hold or park (pure logic).
-//! - [`limits`]: which limit applies to a key.
+//! - [`limits`]: which limit applies to a key; the `WEIR_LIMITS` bucket and its watcher.
 //! - [`limiter`]: per-key GCRA buckets (governor) on a monotonic clock.
+//! - [`caps`]: destination caps, one bucket per capped destination shared by the partitions.
+//! - [`inspect`]: operators' questions to the partitions (a key's state, the busiest keys, purge).
 //! - [`park`]: the durable overflow for keys beyond their in-memory horizon.
 //! - [`recover`]: what a partition's previous run left unacked, so order survives a restart.
 //! - [`release`]: pipelined publishing and the released job's headers.
@@ -43,6 +45,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod caps;
 pub mod config;
 pub mod dead;
 pub mod demo;

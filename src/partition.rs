@@ -27,7 +27,7 @@ use crate::job::{self, header, DeadReason};
 use crate::limiter::{instant_at, now};
 use crate::limits::Limits;
 use crate::release::{self, Pipeline};
-use crate::scheduler::{Action, Held, Offer, Scheduler};
+use crate::scheduler::{Action, Caps, Held, Offer, Routed, Scheduler};
 use crate::{dead, park};
 use governor::nanos::Nanos;
 
@@ -50,6 +50,21 @@ impl Job {
             payload: m.payload,
             acker: None,
             enqueued_ms: 0,
+        }
+    }
+}
+
+impl Routed for Job {
+    /// Asked only when some destination is capped.
+    fn dest(&self) -> &str {
+        if self.acker.is_some() {
+            // Fresh: the stored subject, validated when offered.
+            job::parse_stored(&self.subject).map_or("", |r| r.dest)
+        } else {
+            self.headers
+                .as_ref()
+                .and_then(|h| h.get(header::DESTINATION))
+                .map_or("", |v| v.as_str())
         }
     }
 }
@@ -109,6 +124,7 @@ pub struct Partition {
     limits: watch::Receiver<Arc<Limits>>,
     /// Operators' questions ([`crate::inspect`]).
     commands: mpsc::Receiver<Command>,
+    caps: watch::Receiver<Arc<Caps>>,
 }
 
 impl Partition {
@@ -118,14 +134,17 @@ impl Partition {
         park: Stream,
         mut limits: watch::Receiver<Arc<Limits>>,
         commands: mpsc::Receiver<Command>,
+        mut caps: watch::Receiver<Arc<Caps>>,
         c: &crate::config::Config,
         stats: Arc<PartitionStats>,
     ) -> Self {
         let table = limits.borrow_and_update().clone();
         stats.limits_revision.store(table.revision, Relaxed);
+        let mut sched = Scheduler::new(table, c.horizon, c.max_held_per_partition as usize);
+        sched.set_caps(&caps.borrow_and_update(), now());
         Partition {
             id,
-            sched: Scheduler::new(table, c.horizon, c.max_held_per_partition as usize),
+            sched,
             pubs: Pipeline::new(js.clone(), c.publish_window as usize),
             ops: FuturesUnordered::new(),
             park,
@@ -136,6 +155,7 @@ impl Partition {
             fence_for: c.ack_wait * 2,
             limits,
             commands,
+            caps,
         }
     }
 
@@ -218,6 +238,10 @@ impl Partition {
                         let revision = table.revision;
                         self.sched.set_limits(table, now());
                         self.stats.limits_revision.store(revision, Relaxed);
+                    }
+                    Ok(()) = self.caps.changed() => {
+                        let caps = self.caps.borrow_and_update().clone();
+                        self.sched.set_caps(&caps, now());
                     }
                     Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
                     Some((res, tag)) = self.pubs.next_ack(), if !self.pubs.is_empty() => self.on_published(res, tag).await,

@@ -34,6 +34,24 @@ use crate::limits::Limits;
 /// an action copies 24 bytes.
 pub type Key = CompactString;
 
+/// What the scheduler needs to know of a job: where it goes (for destination caps).
+pub trait Routed {
+    fn dest(&self) -> &str;
+}
+
+/// Test and benchmark jobs without a destination.
+impl Routed for u64 {
+    fn dest(&self) -> &str {
+        ""
+    }
+}
+
+impl Routed for () {
+    fn dest(&self) -> &str {
+        ""
+    }
+}
+
 /// What the partition task must do next.
 #[derive(Debug)]
 pub enum Action<J> {
@@ -118,6 +136,8 @@ struct Busy<J> {
     /// Jobs offered and released since the key's backlog began: for operators (`weir top`).
     offered: u64,
     released: u64,
+    /// Queued for its front job's capped destination, holding a token of its own ("banked").
+    waiting: bool,
 }
 
 impl<J> Default for Busy<J> {
@@ -140,6 +160,7 @@ impl<J> Default for Busy<J> {
             paused: false,
             offered: 0,
             released: 0,
+            waiting: false,
         }
     }
 }
@@ -147,6 +168,7 @@ impl<J> Default for Busy<J> {
 impl<J> Busy<J> {
     fn is_idle(&self) -> bool {
         !self.paused
+            && !self.waiting
             && self.queue.is_empty()
             && self.parking == 0
             && self.unread == 0
@@ -180,9 +202,13 @@ pub struct Scheduler<J> {
     held: usize,
     loaded: usize,
     actions: Vec<Action<J>>,
+    /// Capped destinations (see [`dest`]); empty when none is capped, which keeps the
+    /// per-job cost of caps to one `is_empty` check.
+    caps: HashMap<Key, dest::Dest>,
+    dest_timers: BinaryHeap<Reverse<(u64, Key)>>,
 }
 
-impl<J> Scheduler<J> {
+impl<J: Routed> Scheduler<J> {
     /// `max_held`: the consumer's `max_ack_pending`. Three quarters of it may be held fresh
     /// (the rest is room for publishes in flight); as many again may be read back from the park.
     pub fn new(limits: Arc<Limits>, horizon: Duration, max_held: usize) -> Self {
@@ -197,6 +223,8 @@ impl<J> Scheduler<J> {
             held: 0,
             loaded: 0,
             actions: Vec::new(),
+            caps: HashMap::new(),
+            dest_timers: BinaryHeap::new(),
         }
     }
 
@@ -228,7 +256,9 @@ impl<J> Scheduler<J> {
 
     /// When [`Scheduler::fire`] should next be called.
     pub fn next_wake(&self) -> Option<Nanos> {
-        self.timers.peek().map(|Reverse((t, _))| Nanos::new(*t))
+        let key = self.timers.peek().map(|Reverse((t, _))| *t);
+        let dest = self.dest_timers.peek().map(|Reverse((t, _))| *t);
+        key.into_iter().chain(dest).min().map(Nanos::new)
     }
 
     /// A job arrived from `WEIR_JOBS`. `redelivered` jobs are never parked (they are older than
@@ -258,12 +288,16 @@ impl<J> Scheduler<J> {
             park_seq: None,
             job,
         };
-        // Fast path: nothing waiting, a token free: leave now without touching the queue.
-        if st.busy.is_none() {
+        // Fast path: nothing waiting, a token free, no destination cap: leave now without
+        // touching the queue.
+        let capped = !self.caps.is_empty() && self.caps.contains_key(held.job.dest());
+        if st.busy.is_none() && !capped {
             if st.bucket.try_take().is_ok() {
                 self.actions.push(Action::Release { key: k, job: held });
                 return Offer::Held;
             }
+        }
+        if st.busy.is_none() {
             st.busy = Some(new_busy(&self.limits.for_key(key), self.horizon));
         }
         let b = st.busy.as_deref_mut().expect("busy");
@@ -412,8 +446,11 @@ impl<J> Scheduler<J> {
         self.pump(&k, now);
     }
 
-    /// Wakes the keys whose timers are due.
+    /// Wakes the keys and destinations whose timers are due.
     pub fn fire(&mut self, now: Nanos) {
+        if !self.dest_timers.is_empty() {
+            self.fire_dests(now);
+        }
         while let Some(Reverse((t, _))) = self.timers.peek() {
             if *t > now.as_u64() {
                 break;
@@ -565,27 +602,24 @@ impl<J> Scheduler<J> {
                 want_load = true;
                 break;
             }
-            if b.paused {
+            // Queued for a destination: the destination's timer releases it.
+            if b.paused || b.waiting {
                 break;
             }
-            match st.bucket.try_take() {
-                Ok(()) => {
-                    let job = b.queue.pop_front().expect("front");
-                    b.released += 1;
-                    if job.park_seq.is_some() {
-                        b.inflight_parked += 1;
+            if let Err(at) = st.bucket.try_take() {
+                schedule(&mut self.timers, &mut b.wake_at, k, at.as_u64());
+                break;
+            }
+            if !self.caps.is_empty() {
+                if let Some(d) = self.caps.get_mut(front.job.dest()) {
+                    if !d.admit(k, &mut self.dest_timers) {
+                        b.waiting = true;
+                        break;
                     }
-                    self.held -= 1;
-                    self.actions.push(Action::Release {
-                        key: k.clone(),
-                        job,
-                    });
-                }
-                Err(at) => {
-                    schedule(&mut self.timers, &mut b.wake_at, k, at.as_u64());
-                    break;
                 }
             }
+            let job = b.queue.pop_front().expect("front");
+            release(b, job, k, &mut self.held, &mut self.actions);
         }
         let b = st.busy.as_deref_mut().expect("busy");
         if b.unread > 0 && (b.queue.len() < (b.cap as usize).div_ceil(2) || want_load) && !b.loading
@@ -679,6 +713,25 @@ impl<J> Busy<J> {
     }
 }
 
+/// Queues the release of a key's front job.
+fn release<J>(
+    b: &mut Busy<J>,
+    job: Held<J>,
+    k: &Key,
+    held: &mut usize,
+    actions: &mut Vec<Action<J>>,
+) {
+    b.released += 1;
+    if job.park_seq.is_some() {
+        b.inflight_parked += 1;
+    }
+    *held -= 1;
+    actions.push(Action::Release {
+        key: k.clone(),
+        job,
+    });
+}
+
 /// Sets a key's timer to `at` unless an earlier one is already set.
 fn schedule(timers: &mut BinaryHeap<Reverse<(u64, Key)>>, w: &mut u64, k: &Key, at: u64) {
     let at = at.max(1);
@@ -699,6 +752,9 @@ fn insert_sorted<J>(q: &mut VecDeque<Held<J>>, h: Held<J>) {
         }
     }
 }
+
+mod dest;
+pub use dest::Caps;
 
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]

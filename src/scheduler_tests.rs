@@ -353,3 +353,135 @@ async fn a_default_change_moves_keys_without_a_limit_of_their_own() {
     assert!(plain >= 45, "the default moved plain: {plain}");
     assert!(vip <= 2, "vip keeps its own limit: {vip}");
 }
+
+impl Routed for (u64, &'static str) {
+    fn dest(&self) -> &str {
+        self.1
+    }
+}
+
+/// Runs timers for `secs` seconds; returns each release as (ms since start, key, dest).
+async fn run_for(
+    s: &mut Scheduler<(u64, &'static str)>,
+    secs: u64,
+) -> Vec<(u64, String, &'static str)> {
+    let start = now().as_u64();
+    let mut out = Vec::new();
+    loop {
+        let mut acts = Vec::new();
+        s.take_actions(&mut acts);
+        for a in acts {
+            if let Action::Release { key, job } = a {
+                out.push((
+                    (now().as_u64() - start) / 1_000_000,
+                    key.to_string(),
+                    job.job.1,
+                ));
+                s.release_done(&key, None, true, now());
+            }
+        }
+        let Some(w) = s.next_wake() else { break };
+        if w.as_u64() > start + secs * 1_000_000_000 {
+            break;
+        }
+        tokio::time::advance(Duration::from_nanos(
+            w.as_u64().saturating_sub(now().as_u64()),
+        ))
+        .await;
+        s.fire(now());
+    }
+    out
+}
+
+fn capped(dest: &str, rate: &str, burst: u32) -> Caps {
+    let limit = crate::config::Limit {
+        rate: rate.parse().unwrap(),
+        burst,
+    };
+    let mut caps = Caps::new();
+    caps.insert(Key::from(dest), Arc::new(Bucket::new(&limit)));
+    caps
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destination_cap_bounds_the_sum_over_keys_and_shares_it_fairly() {
+    let c = Config::from_toml(
+        "[limits.default]\nrate = \"100/s\"\nburst = 5",
+        "t",
+        &Overrides::default(),
+    )
+    .unwrap();
+    let mut s = Scheduler::new(
+        Arc::new(Limits::from_config(&c)),
+        Duration::from_secs(60),
+        100_000,
+    );
+    s.set_caps(&capped("sms", "20/s", 2), now());
+    let mut seq = 0;
+    // One hot key with a huge backlog, four cold ones with a few jobs each, and a key sending
+    // elsewhere (uncapped).
+    for _ in 0..3000 {
+        seq += 1;
+        s.offer("hot", seq, false, (seq, "sms"), now());
+    }
+    for k in ["c1", "c2", "c3", "c4"] {
+        for _ in 0..10 {
+            seq += 1;
+            s.offer(k, seq, false, (seq, "sms"), now());
+        }
+    }
+    for _ in 0..50 {
+        seq += 1;
+        s.offer("other", seq, false, (seq, "email"), now());
+    }
+    let rel = run_for(&mut s, 5).await;
+    let sms: Vec<u64> = rel.iter().filter(|r| r.2 == "sms").map(|r| r.0).collect();
+    // GCRA bound on the sum: at most burst + floor(t / T) in any window.
+    for (i, &a) in sms.iter().enumerate() {
+        for (j, &b) in sms.iter().enumerate().skip(i) {
+            assert!(
+                (j - i + 1) as u64 <= 2 + (b - a) / 50,
+                "{} sms releases in {} ms",
+                j - i + 1,
+                b - a
+            );
+        }
+    }
+    assert!(
+        sms.len() >= 95,
+        "the cap is used: {} in 5 s at 20/s",
+        sms.len()
+    );
+    // The cold keys are not starved by the hot one: all 40 of their jobs leave within the
+    // first 5 s, while the hot key gets the rest.
+    let cold = rel.iter().filter(|r| r.1.starts_with('c')).count();
+    assert_eq!(cold, 40, "cold keys' jobs released");
+    let hot = rel.iter().filter(|r| r.1 == "hot").count();
+    assert!(hot >= 50, "the hot key still flows: {hot}");
+    // An uncapped destination is not held back by the cap.
+    let other = rel.iter().filter(|r| r.1 == "other").count();
+    assert_eq!(other, 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destination_cap_removed_releases_its_queue_at_the_keys_rates() {
+    let c = Config::from_toml(
+        "[limits.default]\nrate = \"100/s\"",
+        "t",
+        &Overrides::default(),
+    )
+    .unwrap();
+    let mut s = Scheduler::new(
+        Arc::new(Limits::from_config(&c)),
+        Duration::from_secs(60),
+        100_000,
+    );
+    s.set_caps(&capped("sms", "1/s", 1), now());
+    for seq in 1..=100 {
+        s.offer("a", seq, false, (seq, "sms"), now());
+    }
+    assert_eq!(run_for(&mut s, 1).await.len(), 2);
+    s.set_caps(&Caps::new(), now());
+    let rel = run_for(&mut s, 2).await;
+    assert_eq!(rel.len(), 98, "the rest leave at the key's own 100/s");
+}

@@ -76,6 +76,7 @@ pub async fn run(
         )
         .await;
 
+    let (caps, caps_task) = crate::caps::follow(limits.clone(), cancel.clone());
     let stats: Vec<Arc<PartitionStats>> = (0..config.partitions).map(|_| Arc::default()).collect();
     let (senders, mut receivers): (Vec<_>, Vec<_>) =
         (0..config.partitions).map(|_| inspect::channel()).unzip();
@@ -122,6 +123,7 @@ pub async fn run(
             topo.park.clone(),
             limits.clone(),
             receivers.remove(0),
+            caps.clone(),
             &config,
             stats[p as usize].clone(),
         );
@@ -148,6 +150,7 @@ pub async fn run(
         tracing::warn!("grace period over; unacked jobs will be redelivered");
     }
     watcher.abort();
+    caps_task.abort();
     if let Err(e) = client.drain().await {
         tracing::warn!(error = %e, "draining the NATS connection failed");
     }

@@ -1,0 +1,172 @@
+//! Destination caps inside a partition: a carrier's cap is shared by every key sent to it.
+//!
+//! A capped destination has one GCRA bucket for the whole process (an `Arc`'d governor limiter:
+//! an atomic, so partitions share it without a lock; [`crate::caps`] builds it and splits a cap
+//! between processes). A job to a capped destination needs two tokens: its key's and its
+//! destination's.
+//!
+//! The key's token is taken first. If the destination has none left, the key joins the
+//! destination's queue in this partition holding its token, and the destination's timer serves
+//! queued keys one job at a time, in arrival order: a key with a million jobs gets one turn
+//! per round like every other waiting key, so it cannot take the whole cap. A served key then
+//! takes its next key token as usual, and queues again at the back.
+//!
+//! A key token held while queued is spent later than governor granted it. Spending it late
+//! could bunch this release with the key's next ones, so when it is spent the key's bucket is
+//! emptied: its own bound `burst + floor(t / T)` then holds from that release on.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+
+use governor::nanos::Nanos;
+use hashbrown::HashMap;
+
+use super::{release, schedule, Key, Routed, Scheduler};
+use crate::limiter::Bucket;
+
+/// A capped destination, as one partition sees it.
+#[derive(Debug)]
+pub(super) struct Dest {
+    name: Key,
+    bucket: Arc<Bucket>,
+    /// Keys holding their own token, waiting for one of the destination's, first come first served.
+    waiting: VecDeque<Key>,
+    /// Timer due time in nanos (0: none).
+    wake_at: u64,
+}
+
+/// The process-wide buckets of the capped destinations.
+pub type Caps = HashMap<Key, Arc<Bucket>>;
+
+impl Dest {
+    /// Whether key `k`, holding its own token, may leave now. If not, it is queued and the
+    /// destination's timer set. Keys already queued go first.
+    pub(super) fn admit(&mut self, k: &Key, timers: &mut BinaryHeap<Reverse<(u64, Key)>>) -> bool {
+        if self.waiting.is_empty() {
+            match self.bucket.try_take() {
+                Ok(()) => return true,
+                Err(at) => schedule(timers, &mut self.wake_at, &self.name, at.as_u64()),
+            }
+        }
+        self.waiting.push_back(k.clone());
+        false
+    }
+}
+
+impl<J: Routed> Scheduler<J> {
+    /// Swaps in the process's destination buckets: new caps apply to the next release, and the
+    /// keys queued for a cap that is gone leave at once (they hold their own tokens).
+    pub fn set_caps(&mut self, caps: &Caps, now: Nanos) {
+        let gone: Vec<Key> = self
+            .caps
+            .keys()
+            .filter(|d| !caps.contains_key(*d))
+            .cloned()
+            .collect();
+        for d in gone {
+            let ds = self.caps.remove(&d).expect("listed");
+            for k in ds.waiting {
+                self.serve(&k, now);
+            }
+        }
+        for (d, bucket) in caps {
+            match self.caps.get_mut(d) {
+                Some(ds) if Arc::ptr_eq(&ds.bucket, bucket) => {}
+                Some(ds) => {
+                    ds.bucket = bucket.clone();
+                    if !ds.waiting.is_empty() {
+                        ds.wake_at = 0;
+                        schedule(&mut self.dest_timers, &mut ds.wake_at, d, now.as_u64());
+                    }
+                }
+                None => {
+                    self.caps.insert(
+                        d.clone(),
+                        Dest {
+                            name: d.clone(),
+                            bucket: bucket.clone(),
+                            waiting: VecDeque::new(),
+                            wake_at: 0,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Serves the destinations whose timers are due.
+    pub(super) fn fire_dests(&mut self, now: Nanos) {
+        while let Some(Reverse((t, _))) = self.dest_timers.peek() {
+            if *t > now.as_u64() {
+                break;
+            }
+            let Reverse((t, d)) = self.dest_timers.pop().expect("peeked");
+            match self.caps.get_mut(&d) {
+                Some(ds) if ds.wake_at == t => ds.wake_at = 0,
+                _ => continue,
+            }
+            // As of the due time, like key timers (see `Scheduler::fire`).
+            crate::limiter::decide_at(Nanos::new(t), || self.serve_dest(&d, now));
+        }
+    }
+
+    /// Lets queued keys leave, one job each, while the destination has tokens.
+    fn serve_dest(&mut self, d: &Key, now: Nanos) {
+        loop {
+            let Some(ds) = self.caps.get_mut(d) else {
+                return;
+            };
+            let Some(k) = ds.waiting.front().cloned() else {
+                return;
+            };
+            let still_waiting = self
+                .keys
+                .get(&k)
+                .and_then(|st| st.busy.as_deref())
+                .is_some_and(|b| b.waiting);
+            if !still_waiting {
+                ds.waiting.pop_front();
+                continue;
+            }
+            match ds.bucket.try_take() {
+                Ok(()) => {
+                    ds.waiting.pop_front();
+                    self.serve(&k, now);
+                }
+                Err(at) => {
+                    schedule(&mut self.dest_timers, &mut ds.wake_at, d, at.as_u64());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Releases the front job of a key that was waiting for its destination.
+    fn serve(&mut self, k: &Key, now: Nanos) {
+        let Some(st) = self.keys.get_mut(k) else {
+            return;
+        };
+        let Some(b) = st.busy.as_deref_mut() else {
+            return;
+        };
+        if !b.waiting {
+            return;
+        }
+        b.waiting = false;
+        if let Some(job) = b.queue.pop_front() {
+            release(b, job, k, &mut self.held, &mut self.actions);
+        }
+        // The key's token was granted when it queued and is spent only now: empty its bucket,
+        // so the key's own bound holds from this release on.
+        st.bucket.drain();
+        self.pump(k, now);
+    }
+
+    /// Keys queued per capped destination in this partition (for operators).
+    pub fn dest_waiting(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.caps
+            .iter()
+            .map(|(d, ds)| (d.as_str(), ds.waiting.len()))
+    }
+}
