@@ -15,14 +15,16 @@ use crate::limiter::Bucket;
 use crate::limits::Limits;
 use crate::scheduler::{Caps, Key};
 
-/// Follows the limits table and publishes the process's destination buckets.
+/// Follows the limits table and publishes the process's destination buckets, each for `share`
+/// of its destination's cap (the process's fraction of the partitions).
 pub fn follow(
     mut limits: watch::Receiver<Arc<Limits>>,
+    share: f64,
     cancel: CancellationToken,
 ) -> (watch::Receiver<Arc<Caps>>, tokio::task::JoinHandle<()>) {
     let table = limits.borrow_and_update().clone();
     let mut caps = Caps::new();
-    update(&mut caps, &table, None);
+    update(&mut caps, &table, None, share);
     let (tx, rx) = watch::channel(Arc::new(caps.clone()));
     let task = tokio::spawn(async move {
         let mut old = table;
@@ -33,7 +35,7 @@ pub fn follow(
             }
             let new = limits.borrow_and_update().clone();
             if new.destinations() != old.destinations() {
-                update(&mut caps, &new, Some(&old));
+                update(&mut caps, &new, Some(&old), share);
                 tx.send_replace(Arc::new(caps.clone()));
             }
             old = new;
@@ -43,14 +45,14 @@ pub fn follow(
 }
 
 /// Brings `caps` in line with `new`: changed caps get a fresh, empty bucket.
-fn update(caps: &mut Caps, new: &Limits, old: Option<&Limits>) {
+fn update(caps: &mut Caps, new: &Limits, old: Option<&Limits>, share: f64) {
     caps.retain(|d, _| new.destination(d).is_some());
     for (d, limit) in new.destinations() {
         let before = old.and_then(|o| o.destination(d));
         if before == Some(*limit) && caps.contains_key(d.as_str()) {
             continue;
         }
-        let bucket = Bucket::new(limit);
+        let bucket = Bucket::share_of(limit, share);
         if before.is_some() {
             bucket.drain();
         }

@@ -157,6 +157,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Stream replicas for the streams Weir creates (1 for a single server, 3 in a cluster).
     pub replicas: usize,
+    /// The partitions this process runs (all by default). A static split between processes:
+    /// each partition must be run by exactly one process, or its keys' rates and order break.
+    pub owned_partitions: Vec<u16>,
 }
 
 impl Default for Config {
@@ -173,6 +176,7 @@ impl Default for Config {
             publish_window: 512,
             shutdown_grace: Duration::from_secs(20),
             replicas: 1,
+            owned_partitions: (0..16).collect(),
         }
     }
 }
@@ -190,6 +194,7 @@ struct FileConfig {
     publish_window: Option<i64>,
     shutdown_grace_ms: Option<i64>,
     replicas: Option<i64>,
+    owned_partitions: Option<Vec<i64>>,
     #[serde(default)]
     limits: FileLimits,
 }
@@ -330,6 +335,31 @@ impl Config {
                 "use 1 for a single nats-server, 3 or 5 in a cluster",
             )? as usize;
         }
+        c.owned_partitions = match &file.owned_partitions {
+            None => (0..c.partitions).collect(),
+            Some(list) => {
+                let mut owned = Vec::with_capacity(list.len());
+                for &p in list {
+                    if !(0..i64::from(c.partitions)).contains(&p) || owned.contains(&(p as u16)) {
+                        return Err(ConfigError::invalid(
+                            "owned_partitions",
+                            format!("{list:?}"),
+                            "list distinct partition numbers from 0 to partitions - 1, e.g. [0, 1, 2, 3]",
+                        ));
+                    }
+                    owned.push(p as u16);
+                }
+                if owned.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "owned_partitions",
+                        "[]",
+                        "list at least one partition, or leave it out to run them all",
+                    ));
+                }
+                owned.sort_unstable();
+                owned
+            }
+        };
         if let Some(d) = file.limits.default {
             c.default_limit = parse_limit("limits.default", &d)?;
         }
@@ -462,6 +492,9 @@ burst = 10
         assert!(e.contains("partitions") && e.contains("1 to 1024"), "{e}");
         let e = load("http_addr = \"nowhere\"").unwrap_err().to_string();
         assert!(e.contains("http_addr"), "{e}");
+        let e = load("partitions = 4\nowned_partitions = [1, 4]").unwrap_err().to_string();
+        assert!(e.contains("owned_partitions"), "{e}");
+        assert_eq!(load("partitions = 4\nowned_partitions = [3, 1]").unwrap().owned_partitions, [1, 3]);
         let e = load("colour = 1").unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");
         let e = load("horizon_ms = 1\npartitions = \"many\"")

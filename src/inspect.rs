@@ -77,6 +77,8 @@ pub enum Command {
 pub enum InspectError {
     #[error("partition {0} is not running (starting, or shutting down)")]
     Unavailable(u16),
+    #[error("partition {0} is run by another Weir process")]
+    NotOwned(u16),
     #[error("NATS: {0}")]
     Nats(String),
 }
@@ -84,7 +86,8 @@ pub enum InspectError {
 /// Handles to every partition task of this process.
 #[derive(Clone)]
 pub struct Partitions {
-    senders: Arc<Vec<mpsc::Sender<Command>>>,
+    /// By partition number; `None` for partitions another process runs.
+    senders: Arc<Vec<Option<mpsc::Sender<Command>>>>,
     jobs: Stream,
     released: Stream,
     dead: Stream,
@@ -130,7 +133,7 @@ pub fn channel() -> (mpsc::Sender<Command>, mpsc::Receiver<Command>) {
 
 impl Partitions {
     pub fn new(
-        senders: Vec<mpsc::Sender<Command>>,
+        senders: Vec<Option<mpsc::Sender<Command>>>,
         jobs: Stream,
         released: Stream,
         dead: Stream,
@@ -160,7 +163,10 @@ impl Partitions {
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, InspectError> {
         let (tx, rx) = oneshot::channel();
-        self.senders[p as usize]
+        let sender = self.senders[p as usize]
+            .as_ref()
+            .ok_or(InspectError::NotOwned(p))?;
+        sender
             .send(make(tx))
             .await
             .map_err(|_| InspectError::Unavailable(p))?;
@@ -196,10 +202,10 @@ impl Partitions {
         }))
     }
 
-    /// The `limit` keys with the largest backlog, over every partition.
+    /// The `limit` keys with the largest backlog, over every partition of this process.
     pub async fn top(&self, limit: usize) -> Result<Vec<KeyView>, InspectError> {
         let mut all = Vec::new();
-        for p in 0..self.count() {
+        for p in (0..self.count()).filter(|&p| self.senders[p as usize].is_some()) {
             all.extend(self.ask(p, |reply| Command::Top { limit, reply }).await?);
         }
         all.sort_by(|a, b| b.backlog().cmp(&a.backlog()).then(a.key.cmp(&b.key)));

@@ -109,6 +109,22 @@ impl Bucket<MonoClock> {
     }
 }
 
+impl Bucket<MonoClock> {
+    /// A bucket for a `share` (0 < share <= 1) of `limit`: the rate times the share, and the
+    /// burst times the share, rounded down but at least one.
+    pub fn share_of(limit: &Limit, share: f64) -> Self {
+        let share = share.clamp(1e-6, 1.0);
+        let period = limit.rate.period().div_f64(share).max(Duration::from_nanos(1));
+        let burst = ((f64::from(limit.burst) * share).floor() as u32).max(1);
+        let quota = Quota::with_period(period)
+            .expect("period is non-zero")
+            .allow_burst(NonZeroU32::new(burst).expect("burst >= 1"));
+        Bucket {
+            limiter: RateLimiter::direct_with_clock(quota, MonoClock),
+        }
+    }
+}
+
 impl<C: Clock<Instant = Nanos>> Bucket<C> {
     pub fn with_clock(limit: &Limit, clock: C) -> Self {
         Bucket {

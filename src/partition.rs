@@ -127,17 +127,28 @@ pub struct Partition {
     caps: watch::Receiver<Arc<Caps>>,
 }
 
+/// What a partition task is connected to.
+pub struct Links {
+    pub js: Context,
+    pub park: Stream,
+    /// The limits in force, replaced on every change of `WEIR_LIMITS`.
+    pub limits: watch::Receiver<Arc<Limits>>,
+    /// The process's destination buckets ([`crate::caps`]).
+    pub caps: watch::Receiver<Arc<Caps>>,
+    pub commands: mpsc::Receiver<Command>,
+    pub stats: Arc<PartitionStats>,
+}
+
 impl Partition {
-    pub fn new(
-        id: u16,
-        js: Context,
-        park: Stream,
-        mut limits: watch::Receiver<Arc<Limits>>,
-        commands: mpsc::Receiver<Command>,
-        mut caps: watch::Receiver<Arc<Caps>>,
-        c: &crate::config::Config,
-        stats: Arc<PartitionStats>,
-    ) -> Self {
+    pub fn new(id: u16, links: Links, c: &crate::config::Config) -> Self {
+        let Links {
+            js,
+            park,
+            mut limits,
+            mut caps,
+            commands,
+            stats,
+        } = links;
         let table = limits.borrow_and_update().clone();
         stats.limits_revision.store(table.revision, Relaxed);
         let mut sched = Scheduler::new(table, c.horizon, c.max_held_per_partition as usize);

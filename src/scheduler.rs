@@ -291,11 +291,9 @@ impl<J: Routed> Scheduler<J> {
         // Fast path: nothing waiting, a token free, no destination cap: leave now without
         // touching the queue.
         let capped = !self.caps.is_empty() && self.caps.contains_key(held.job.dest());
-        if st.busy.is_none() && !capped {
-            if st.bucket.try_take().is_ok() {
-                self.actions.push(Action::Release { key: k, job: held });
-                return Offer::Held;
-            }
+        if st.busy.is_none() && !capped && st.bucket.try_take().is_ok() {
+            self.actions.push(Action::Release { key: k, job: held });
+            return Offer::Held;
         }
         if st.busy.is_none() {
             st.busy = Some(new_busy(&self.limits.for_key(key), self.horizon));

@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::limits::{store::Store, Limits};
-use crate::partition::{Partition, PartitionStats};
+use crate::partition::{Links, Partition, PartitionStats};
 use crate::{admin, dead, inspect, streams};
 
 /// Why Weir stopped with an error.
@@ -76,10 +76,20 @@ pub async fn run(
         )
         .await;
 
-    let (caps, caps_task) = crate::caps::follow(limits.clone(), cancel.clone());
-    let stats: Vec<Arc<PartitionStats>> = (0..config.partitions).map(|_| Arc::default()).collect();
-    let (senders, mut receivers): (Vec<_>, Vec<_>) =
-        (0..config.partitions).map(|_| inspect::channel()).unzip();
+    let (caps, caps_task) = crate::caps::follow(
+        limits.clone(),
+        config.owned_partitions.len() as f64 / f64::from(config.partitions),
+        cancel.clone(),
+    );
+    let owned = &config.owned_partitions;
+    let stats: Vec<Arc<PartitionStats>> = owned.iter().map(|_| Arc::default()).collect();
+    let mut senders = vec![None; config.partitions as usize];
+    let mut receivers = Vec::with_capacity(owned.len());
+    for &p in owned {
+        let (tx, rx) = inspect::channel();
+        senders[p as usize] = Some(tx);
+        receivers.push(rx);
+    }
     let inspect = inspect::Partitions::new(
         senders,
         topo.jobs.clone(),
@@ -108,7 +118,7 @@ pub async fn run(
         }
     });
 
-    for p in 0..config.partitions {
+    for (i, (&p, commands)) in owned.iter().zip(receivers).enumerate() {
         let name = streams::partition_consumer(p);
         let consumer = streams::consumer(
             &topo.jobs,
@@ -117,16 +127,15 @@ pub async fn run(
             &config,
         )
         .await?;
-        let part = Partition::new(
-            p,
-            js.clone(),
-            topo.park.clone(),
-            limits.clone(),
-            receivers.remove(0),
-            caps.clone(),
-            &config,
-            stats[p as usize].clone(),
-        );
+        let links = Links {
+            js: js.clone(),
+            park: topo.park.clone(),
+            limits: limits.clone(),
+            caps: caps.clone(),
+            commands,
+            stats: stats[i].clone(),
+        };
+        let part = Partition::new(p, links, &config);
         tracker.spawn(part.run(consumer, cancel.clone()));
     }
     let triage = streams::consumer(
