@@ -492,9 +492,16 @@ burst = 10
         assert!(e.contains("partitions") && e.contains("1 to 1024"), "{e}");
         let e = load("http_addr = \"nowhere\"").unwrap_err().to_string();
         assert!(e.contains("http_addr"), "{e}");
-        let e = load("partitions = 4\nowned_partitions = [1, 4]").unwrap_err().to_string();
+        let e = load("partitions = 4\nowned_partitions = [1, 4]")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("owned_partitions"), "{e}");
-        assert_eq!(load("partitions = 4\nowned_partitions = [3, 1]").unwrap().owned_partitions, [1, 3]);
+        assert_eq!(
+            load("partitions = 4\nowned_partitions = [3, 1]")
+                .unwrap()
+                .owned_partitions,
+            [1, 3]
+        );
         let e = load("colour = 1").unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");
         let e = load("horizon_ms = 1\npartitions = \"many\"")

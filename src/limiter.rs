@@ -114,7 +114,11 @@ impl Bucket<MonoClock> {
     /// burst times the share, rounded down but at least one.
     pub fn share_of(limit: &Limit, share: f64) -> Self {
         let share = share.clamp(1e-6, 1.0);
-        let period = limit.rate.period().div_f64(share).max(Duration::from_nanos(1));
+        let period = limit
+            .rate
+            .period()
+            .div_f64(share)
+            .max(Duration::from_nanos(1));
         let burst = ((f64::from(limit.burst) * share).floor() as u32).max(1);
         let quota = Quota::with_period(period)
             .expect("period is non-zero")
