@@ -107,6 +107,16 @@ enum OpDone {
 pub struct PartitionStats {
     pub bound: AtomicBool,
     pub limits_revision: AtomicU64,
+    /// Per capped destination: (name, keys queued, jobs released so far); refreshed every
+    /// sweep (250 ms), read by [`crate::caps`].
+    dest_usage: std::sync::Mutex<Vec<(String, u64, u64)>>,
+}
+
+impl PartitionStats {
+    pub fn dest_usage(&self) -> std::collections::HashMap<String, (u64, u64)> {
+        let u = self.dest_usage.lock().unwrap_or_else(|e| e.into_inner());
+        u.iter().map(|(d, w, r)| (d.clone(), (*w, *r))).collect()
+    }
 }
 
 pub struct Partition {
@@ -261,6 +271,10 @@ impl Partition {
                     _ = sweep.tick() => {
                         // Eviction checks every idle key: every 2 s is plenty.
                         ticks += 1;
+                        let usage = self.sched.dest_usage();
+                        if !usage.is_empty() || ticks % 8 == 0 {
+                            *self.stats.dest_usage.lock().unwrap_or_else(|e| e.into_inner()) = usage;
+                        }
                         if ticks % 8 == 0 {
                             self.sched.evict_idle(now());
                         }

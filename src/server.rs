@@ -76,13 +76,15 @@ pub async fn run(
         )
         .await;
 
-    let (caps, caps_task) = crate::caps::follow(
-        limits.clone(),
-        config.owned_partitions.len() as f64 / f64::from(config.partitions),
-        cancel.clone(),
-    );
     let owned = &config.owned_partitions;
     let stats: Vec<Arc<PartitionStats>> = owned.iter().map(|_| Arc::default()).collect();
+    let (caps, caps_task) = crate::caps::follow(
+        limits.clone(),
+        stats.clone(),
+        config.owned_partitions.len() as f64 / f64::from(config.partitions),
+        client.clone(),
+        cancel.clone(),
+    );
     let mut senders = vec![None; config.partitions as usize];
     let mut receivers = Vec::with_capacity(owned.len());
     for &p in owned {

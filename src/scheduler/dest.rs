@@ -34,6 +34,9 @@ pub(super) struct Dest {
     waiting: VecDeque<Key>,
     /// Timer due time in nanos (0: none).
     wake_at: u64,
+    /// Jobs released to the destination by this partition, for lending shares between
+    /// processes ([`crate::caps`]).
+    released: u64,
 }
 
 /// The process-wide buckets of the capped destinations.
@@ -45,7 +48,10 @@ impl Dest {
     pub(super) fn admit(&mut self, k: &Key, timers: &mut BinaryHeap<Reverse<(u64, Key)>>) -> bool {
         if self.waiting.is_empty() {
             match self.bucket.try_take() {
-                Ok(()) => return true,
+                Ok(()) => {
+                    self.released += 1;
+                    return true;
+                }
                 Err(at) => schedule(timers, &mut self.wake_at, &self.name, at.as_u64()),
             }
         }
@@ -88,6 +94,7 @@ impl<J: Routed> Scheduler<J> {
                             bucket: bucket.clone(),
                             waiting: VecDeque::new(),
                             wake_at: 0,
+                            released: 0,
                         },
                     );
                 }
@@ -132,6 +139,7 @@ impl<J: Routed> Scheduler<J> {
             match ds.bucket.try_take() {
                 Ok(()) => {
                     ds.waiting.pop_front();
+                    ds.released += 1;
                     self.serve(&k, now);
                 }
                 Err(at) => {
@@ -163,10 +171,11 @@ impl<J: Routed> Scheduler<J> {
         self.pump(k, now);
     }
 
-    /// Keys queued per capped destination in this partition (for operators).
-    pub fn dest_waiting(&self) -> impl Iterator<Item = (&str, usize)> {
+    /// Per capped destination: keys queued for it, and jobs released to it so far.
+    pub fn dest_usage(&self) -> Vec<(String, u64, u64)> {
         self.caps
             .iter()
-            .map(|(d, ds)| (d.as_str(), ds.waiting.len()))
+            .map(|(d, ds)| (d.to_string(), ds.waiting.len() as u64, ds.released))
+            .collect()
     }
 }
