@@ -52,6 +52,52 @@ fn decision(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same decision with 1M keys while limit changes keep arriving: one key's limit changes
+/// every 1,000 decisions (the partition swaps in the new table and re-limits that key), so the
+/// figure includes the amortised cost of applying updates.
+fn decision_with_updates(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("scheduler/decision_with_updates");
+    g.throughput(Throughput::Elements(1));
+    let keys = 1_000_000u64;
+    let base = limits("[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000");
+    let mut s: Scheduler<u64> = Scheduler::new(base.clone(), Duration::from_secs(5), 1000);
+    let names: Vec<String> = (0..keys).map(|i| format!("customer-{i:07}")).collect();
+    let mut acts = Vec::with_capacity(16);
+    let mut table = (*base).clone();
+    let mut i = 0usize;
+    g.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
+        b.iter(|| {
+            let key = &names[i % names.len()];
+            i += 1;
+            if i % 1000 == 0 {
+                let rev = table.revision + 1;
+                let value = format!("{{\"rate\": \"{}/s\", \"burst\": 1000}}", 1_000_000 + i);
+                table
+                    .apply(
+                        &format!("keys.{}", names[(i * 7) % names.len()]),
+                        Some(value.as_bytes()),
+                        rev,
+                    )
+                    .expect("valid");
+                s.set_limits(Arc::new(table.clone()), now());
+            }
+            black_box(s.offer(key, i as u64, false, i as u64, now()));
+            s.take_actions(&mut acts);
+            for a in acts.drain(..) {
+                if let Action::Release { key, job } = a {
+                    s.release_done(&key, job.park_seq, true, now());
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
 /// A GCRA check on one governor bucket.
 fn bucket(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -97,5 +143,11 @@ fn release_headers(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decision, bucket, release_headers);
+criterion_group!(
+    benches,
+    decision,
+    decision_with_updates,
+    bucket,
+    release_headers
+);
 criterion_main!(benches);

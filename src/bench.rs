@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Overrides};
 use crate::natsd::LocalNats;
 
+mod limits;
 mod raw;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -54,8 +55,11 @@ pub struct BenchArgs {
     pub cold_samples: usize,
     #[arg(long, default_value_t = 1_000_000)]
     pub memory_keys: u64,
-    /// Which measures to run, comma-separated: throughput, rate, latency, memory.
-    #[arg(long, default_value = "throughput,rate,latency,memory")]
+    /// Samples of the time from a limit write to its effect.
+    #[arg(long, default_value_t = 200)]
+    pub apply_samples: usize,
+    /// Which measures to run, comma-separated: throughput, rate, latency, memory, limits, caps.
+    #[arg(long, default_value = "throughput,rate,latency,memory,limits,caps")]
     pub only: String,
 }
 
@@ -77,6 +81,12 @@ pub async fn main(a: BenchArgs) -> Result<(), BoxError> {
     }
     if want("memory") {
         memory_per_key(a.memory_keys);
+    }
+    if want("limits") {
+        limits::apply_latency(a.apply_samples, a.partitions).await?;
+    }
+    if want("caps") {
+        limits::cap_lending(10).await?;
     }
     Ok(())
 }
