@@ -56,8 +56,12 @@ impl Purged {
     }
 }
 
-/// A question for a partition task.
+/// A message for a partition task: new limits or caps, or an operator's question.
 pub enum Command {
+    /// The limits table changed.
+    Limits(Arc<Limits>),
+    /// The process's destination buckets changed.
+    Caps(Arc<crate::scheduler::Caps>),
     Key {
         key: String,
         reply: oneshot::Sender<Option<KeyView>>,
@@ -126,9 +130,35 @@ impl LimitView {
     }
 }
 
-/// One partition's end: the channel and a way to make it.
+/// One partition's channel.
 pub fn channel() -> (mpsc::Sender<Command>, mpsc::Receiver<Command>) {
     mpsc::channel(64)
+}
+
+/// Forwards every new limits table and caps set to each partition until `cancel`.
+pub async fn forward(
+    mut limits: tokio::sync::watch::Receiver<Arc<Limits>>,
+    mut caps: tokio::sync::watch::Receiver<Arc<crate::scheduler::Caps>>,
+    partitions: Vec<mpsc::Sender<Command>>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let cmd = tokio::select! {
+            _ = cancel.cancelled() => return,
+            Ok(()) = limits.changed() => Command::Limits(limits.borrow_and_update().clone()),
+            Ok(()) = caps.changed() => Command::Caps(caps.borrow_and_update().clone()),
+            else => return,
+        };
+        for p in &partitions {
+            let cmd = match &cmd {
+                Command::Limits(l) => Command::Limits(l.clone()),
+                Command::Caps(c) => Command::Caps(c.clone()),
+                _ => unreachable!("only limits and caps are forwarded"),
+            };
+            // A partition that has stopped needs no limits.
+            let _ = p.send(cmd).await;
+        }
+    }
 }
 
 impl Partitions {

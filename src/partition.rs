@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::inspect::{Command, Purged};
@@ -131,20 +131,21 @@ pub struct Partition {
     client: async_nats::Client,
     /// How long a restart's fence waits for the previous run's unacked jobs: two `ack_wait`s.
     fence_for: Duration,
-    limits: watch::Receiver<Arc<Limits>>,
-    /// Operators' questions ([`crate::inspect`]).
+    /// Operators' questions ([`crate::inspect`]), and new limits and caps: one channel, so
+    /// the loop polls one cheap receiver per turn (a `watch` receiver's `changed()` would
+    /// register a waiter under a lock on every turn).
     commands: mpsc::Receiver<Command>,
-    caps: watch::Receiver<Arc<Caps>>,
 }
 
 /// What a partition task is connected to.
 pub struct Links {
     pub js: Context,
     pub park: Stream,
-    /// The limits in force, replaced on every change of `WEIR_LIMITS`.
-    pub limits: watch::Receiver<Arc<Limits>>,
-    /// The process's destination buckets ([`crate::caps`]).
-    pub caps: watch::Receiver<Arc<Caps>>,
+    /// The limits in force at start; changes arrive as [`Command::Limits`].
+    pub limits: Arc<Limits>,
+    /// The process's destination buckets at start ([`crate::caps`]); changes arrive as
+    /// [`Command::Caps`].
+    pub caps: Arc<Caps>,
     pub commands: mpsc::Receiver<Command>,
     pub stats: Arc<PartitionStats>,
 }
@@ -154,15 +155,14 @@ impl Partition {
         let Links {
             js,
             park,
-            mut limits,
-            mut caps,
+            limits,
+            caps,
             commands,
             stats,
         } = links;
-        let table = limits.borrow_and_update().clone();
-        stats.limits_revision.store(table.revision, Relaxed);
-        let mut sched = Scheduler::new(table, c.horizon, c.max_held_per_partition as usize);
-        sched.set_caps(&caps.borrow_and_update(), now());
+        stats.limits_revision.store(limits.revision, Relaxed);
+        let mut sched = Scheduler::new(limits, c.horizon, c.max_held_per_partition as usize);
+        sched.set_caps(&caps, now());
         Partition {
             id,
             sched,
@@ -174,9 +174,7 @@ impl Partition {
             closing: false,
             client: js.client(),
             fence_for: c.ack_wait * 2,
-            limits,
             commands,
-            caps,
         }
     }
 
@@ -254,16 +252,6 @@ impl Partition {
                 tokio::select! {
                     biased;
                     _ = &mut cancelled => break 'bind,
-                    Ok(()) = self.limits.changed() => {
-                        let table = self.limits.borrow_and_update().clone();
-                        let revision = table.revision;
-                        self.sched.set_limits(table, now());
-                        self.stats.limits_revision.store(revision, Relaxed);
-                    }
-                    Ok(()) = self.caps.changed() => {
-                        let caps = self.caps.borrow_and_update().clone();
-                        self.sched.set_caps(&caps, now());
-                    }
                     Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
                     Some((res, tag)) = self.pubs.next_ack(), if !self.pubs.is_empty() => self.on_published(res, tag).await,
                     Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op(done),
@@ -497,6 +485,12 @@ impl Partition {
 
     async fn on_command(&mut self, cmd: Command) {
         match cmd {
+            Command::Limits(table) => {
+                let revision = table.revision;
+                self.sched.set_limits(table, now());
+                self.stats.limits_revision.store(revision, Relaxed);
+            }
+            Command::Caps(caps) => self.sched.set_caps(&caps, now()),
             Command::Key { key, reply } => {
                 let _ = reply.send(self.sched.view(&key, now()));
             }

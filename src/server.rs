@@ -92,6 +92,14 @@ pub async fn run(
         senders[p as usize] = Some(tx);
         receivers.push(rx);
     }
+    // Before the partitions read their initial limits: a change in between is then forwarded
+    // (applying a table twice is harmless).
+    tracker.spawn(inspect::forward(
+        limits.clone(),
+        caps.clone(),
+        senders.iter().flatten().cloned().collect(),
+        cancel.clone(),
+    ));
     let inspect = inspect::Partitions::new(
         senders,
         topo.jobs.clone(),
@@ -132,8 +140,8 @@ pub async fn run(
         let links = Links {
             js: js.clone(),
             park: topo.park.clone(),
-            limits: limits.clone(),
-            caps: caps.clone(),
+            limits: limits.borrow().clone(),
+            caps: caps.borrow().clone(),
             commands,
             stats: stats[i].clone(),
         };
