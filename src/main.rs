@@ -41,6 +41,10 @@ struct RunArgs {
     /// Admin HTTP address (beats the file).
     #[arg(long, env = "WEIR_HTTP_ADDR")]
     http_addr: Option<String>,
+    /// Bearer token the admin API's writes require (beats the file). Prefer the environment:
+    /// a flag shows in process listings.
+    #[arg(long, env = "WEIR_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
             let overrides = Overrides {
                 nats_url: a.nats_url,
                 http_addr: a.http_addr,
+                admin_token: a.admin_token,
             };
             let config = match Config::load(a.config.as_deref(), &overrides) {
                 Ok(c) => c,
