@@ -35,7 +35,8 @@
 //! - [`recover`]: what a partition's previous run left unacked, so order survives a restart.
 //! - [`release`]: pipelined publishing and the released job's headers.
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
-//! - [`admin`]: health and readiness over HTTP.
+//! - [`admin`]: the admin HTTP API: health, readiness, limits, keys, and its OpenAPI document.
+//! - [`inspect`]: operators' questions to the partition tasks (a key's state, the busiest keys, purge).
 //! - [`signal`]: the shutdown signal.
 //! - [`natsd`], [`load`], [`demo`], [`bench`]: a local nats-server, the load generator, the demo and
 //!   the end-to-end benchmark.
