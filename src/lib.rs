@@ -38,12 +38,14 @@
 //! - [`admin`]: the admin HTTP API: health, readiness, limits, keys, and its OpenAPI document.
 //! - [`inspect`]: operators' questions to the partition tasks (a key's state, the busiest keys, purge).
 //! - [`signal`]: the shutdown signal.
+//! - [`cli`]: the operator's commands: `weir limits` (NATS), `weir status` and `weir top` (admin API).
 //! - [`natsd`], [`load`], [`demo`], [`bench`]: a local nats-server, the load generator, the demo and
 //!   the end-to-end benchmark.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod dead;
 pub mod demo;
