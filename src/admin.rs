@@ -1,19 +1,43 @@
-//! The admin HTTP listener: liveness and readiness probes.
+//! The admin HTTP API: probes, limits, keys, and the OpenAPI document that describes them.
 //!
 //! `/healthz` answers while the process runs (a liveness probe must not fail because NATS is
 //! away: restarting Weir would not bring NATS back). `/readyz` answers 200 only while NATS is
 //! connected and every partition's consumer is bound.
+//!
+//! The operator's API (`/v1/...`) reads and writes the `WEIR_LIMITS` bucket ([`limits`]) and asks
+//! the partition tasks about keys ([`keys`]). Writes (PUT, DELETE) need
+//! `Authorization: Bearer <token>` when `admin_token` is configured; reads stay open, as they
+//! show figures, never jobs. Every error is JSON, `{"error": "..."}`, saying what was wrong and
+//! how to fix it ([`error`]); a 5xx means NATS failed, never the request.
+//!
+//! The router is built from one table ([`endpoints`]), and a test checks that the committed
+//! `openapi.json` lists exactly the table's routes, so the document cannot drift from the code.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::extract::{Request, State};
+use axum::handler::Handler;
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
+use crate::config::AdminToken;
 use crate::partition::PartitionStats;
+
+pub mod error;
+pub mod keys;
+pub mod limits;
+
+pub use error::ApiError;
+
+/// The OpenAPI 3.1 document of this API, served at `/openapi.json`. Hand-written (no code
+/// generator in the build); `tests` below keep it in step with the router.
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// What the admin handlers read.
 #[derive(Clone)]
@@ -24,19 +48,142 @@ pub struct AdminState {
     pub inspect: crate::inspect::Partitions,
     /// The `WEIR_LIMITS` bucket.
     pub limits: crate::limits::store::Store,
+    /// When set, writes need it as a bearer token.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// One route: a method on a path, and its handler.
+pub struct Endpoint {
+    pub method: Method,
+    pub path: &'static str,
+    route: MethodRouter<AdminState>,
+}
+
+fn ep<H, T>(method: Method, path: &'static str, handler: H) -> Endpoint
+where
+    H: Handler<T, AdminState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a standard method");
+    Endpoint {
+        method,
+        path,
+        route: on(filter, handler),
+    }
+}
+
+/// Every route of the API. The router is built from this table and nothing else.
+pub fn endpoints() -> Vec<Endpoint> {
+    use limits::{Destinations, Keys, Patterns};
+    use Method as M;
+    vec![
+        ep(M::GET, "/healthz", || async {
+            Json(json!({"status": "ok"}))
+        }),
+        ep(M::GET, "/readyz", readyz),
+        ep(M::GET, "/openapi.json", openapi),
+        ep(M::GET, "/v1/limits", limits::list),
+        ep(M::GET, "/v1/limits/default", limits::get_default),
+        ep(M::PUT, "/v1/limits/default", limits::put_default),
+        ep(M::GET, "/v1/limits/keys/{key}", limits::get::<Keys>),
+        ep(M::PUT, "/v1/limits/keys/{key}", limits::put::<Keys>),
+        ep(M::DELETE, "/v1/limits/keys/{key}", limits::delete::<Keys>),
+        ep(
+            M::GET,
+            "/v1/limits/destinations/{dest}",
+            limits::get::<Destinations>,
+        ),
+        ep(
+            M::PUT,
+            "/v1/limits/destinations/{dest}",
+            limits::put::<Destinations>,
+        ),
+        ep(
+            M::DELETE,
+            "/v1/limits/destinations/{dest}",
+            limits::delete::<Destinations>,
+        ),
+        ep(
+            M::GET,
+            "/v1/limits/patterns/{name}",
+            limits::get::<Patterns>,
+        ),
+        ep(
+            M::PUT,
+            "/v1/limits/patterns/{name}",
+            limits::put::<Patterns>,
+        ),
+        ep(
+            M::DELETE,
+            "/v1/limits/patterns/{name}",
+            limits::delete::<Patterns>,
+        ),
+        ep(M::GET, "/v1/keys", keys::top),
+        ep(M::GET, "/v1/keys/{key}", keys::status),
+        ep(M::DELETE, "/v1/keys/{key}/jobs", keys::purge),
+    ]
 }
 
 pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                Json(json!({"error": "no such path"})),
+    let mut router = Router::new();
+    for e in endpoints() {
+        router = router.route(e.path, e.route);
+    }
+    router
+        // Only on matched routes, so an unknown path is a 404 and a wrong method a 405 whether
+        // or not a token came with it.
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{method} is not allowed on {}; the Allow header lists the methods that are, and GET /openapi.json describes them all",
+                    uri.path()
+                ),
             )
         })
+        .fallback(|uri: Uri| async move {
+            ApiError::not_found(format!(
+                "no such path {}; GET /openapi.json lists the API",
+                uri.path()
+            ))
+        })
         .with_state(state)
+}
+
+/// Lets reads through; a write needs the configured token, compared in constant time.
+async fn authorize(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    let Some(token) = &s.admin_token else {
+        return next.run(req).await;
+    };
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    let refusal = match presented {
+        None => "this write needs `Authorization: Bearer <token>` with the admin_token Weir was started with (WEIR_ADMIN_TOKEN)",
+        Some(t) if bool::from(t.as_bytes().ct_eq(token.expose().as_bytes())) => {
+            return next.run(req).await;
+        }
+        Some(_) => "the bearer token is not the admin_token Weir was started with",
+    };
+    tracing::info!(method = %req.method(), path = %req.uri().path(), "admin write refused: {refusal}");
+    let mut res = ApiError::new(StatusCode::UNAUTHORIZED, refusal).into_response();
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    res
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
@@ -61,4 +208,79 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, Json<serde_json::Va
             "partitions": s.partitions.len(),
         })),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn document() -> serde_json::Value {
+        serde_json::from_str(OPENAPI).expect("openapi.json is JSON")
+    }
+
+    #[test]
+    fn the_document_lists_exactly_the_routes() {
+        let doc = document();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let methods = ["get", "put", "post", "delete", "patch", "head", "options"];
+        let documented: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .iter()
+            .flat_map(|(path, ops)| {
+                let ops = ops.as_object().expect("a path item");
+                methods
+                    .iter()
+                    .filter(|m| ops.contains_key(**m))
+                    .map(move |m| (m.to_uppercase(), path.clone()))
+            })
+            .collect();
+        let routed: BTreeSet<(String, String)> = endpoints()
+            .iter()
+            .map(|e| (e.method.to_string(), e.path.to_string()))
+            .collect();
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        let unrouted: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            undocumented.is_empty() && unrouted.is_empty(),
+            "routes missing from openapi.json: {undocumented:?}; documented but not routed: {unrouted:?}"
+        );
+    }
+
+    #[test]
+    fn every_reference_in_the_document_resolves() {
+        let doc = document();
+        fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(serde_json::Value::String(r)) = m.get("$ref") {
+                        out.push(r.clone());
+                    }
+                    m.values().for_each(|v| refs(v, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(!all.is_empty());
+        for r in all {
+            let pointer = r.strip_prefix('#').expect("local references only");
+            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+    }
+
+    #[test]
+    fn writes_are_marked_as_needing_the_token() {
+        let doc = document();
+        for e in endpoints() {
+            let op = &doc["paths"][e.path][e.method.as_str().to_lowercase()];
+            let secured = op.get("security").is_some_and(|s| s != &json!([]));
+            let write = e.method != Method::GET;
+            assert_eq!(secured, write, "{} {}: security", e.method, e.path);
+        }
+    }
 }

@@ -16,6 +16,10 @@
 //! rate = "100/s"
 //! burst = 10
 //! ```
+//!
+//! `admin_token` (or `WEIR_ADMIN_TOKEN`) makes the admin API's writes require
+//! `Authorization: Bearer <token>`. It is kept in an [`AdminToken`], whose `Debug` never shows it,
+//! so printing a `Config` cannot leak it into logs.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -160,6 +164,37 @@ pub struct Config {
     /// The partitions this process runs (all by default). A static split between processes:
     /// each partition must be run by exactly one process, or its keys' rates and order break.
     pub owned_partitions: Vec<u16>,
+    /// When set, the admin API's writes (PUT, DELETE) need `Authorization: Bearer <token>`.
+    /// Reads stay open: they expose backlogs and limits, never jobs.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// The admin API's bearer token. `Debug` shows `AdminToken(<redacted>)`: a config printed in a
+/// log or a panic message must not carry it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Validates a token: printable ASCII without spaces (it travels in an HTTP header), 1 to
+    /// 4096 bytes.
+    pub fn new(token: String) -> Result<AdminToken, &'static str> {
+        let printable = token.bytes().all(|b| b.is_ascii_graphic());
+        if token.is_empty() || token.len() > 4096 || !printable {
+            return Err("use 1 to 4096 printable ASCII characters without spaces, e.g. the output of `openssl rand -hex 32`");
+        }
+        Ok(AdminToken(token))
+    }
+
+    /// The token itself, for comparing with a presented one. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
 }
 
 impl Default for Config {
@@ -177,6 +212,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(20),
             replicas: 1,
             owned_partitions: (0..16).collect(),
+            admin_token: None,
         }
     }
 }
@@ -195,6 +231,7 @@ struct FileConfig {
     shutdown_grace_ms: Option<i64>,
     replicas: Option<i64>,
     owned_partitions: Option<Vec<i64>>,
+    admin_token: Option<String>,
     #[serde(default)]
     limits: FileLimits,
 }
@@ -219,6 +256,7 @@ struct FileLimit {
 pub struct Overrides {
     pub nats_url: Option<String>,
     pub http_addr: Option<String>,
+    pub admin_token: Option<String>,
 }
 
 impl Config {
@@ -360,6 +398,15 @@ impl Config {
                 owned
             }
         };
+        if let Some(t) = overrides.admin_token.clone().or(file.admin_token) {
+            // The value is never echoed: it is a secret, and a typo'd one is still close to it.
+            let len = t.len();
+            c.admin_token = Some(AdminToken::new(t).map_err(|fix| ConfigError::Invalid {
+                field: "admin_token".into(),
+                value: format!("<{len} bytes, not shown>"),
+                fix,
+            })?);
+        }
         if let Some(d) = file.limits.default {
             c.default_limit = parse_limit("limits.default", &d)?;
         }
@@ -519,9 +566,35 @@ burst = 10
         let o = Overrides {
             nats_url: Some("nats://flag:4222".into()),
             http_addr: Some("0.0.0.0:1".into()),
+            admin_token: Some("from-env".into()),
         };
-        let c = Config::from_toml("nats_url = \"nats://file:4222\"", "t", &o).unwrap();
+        let c = Config::from_toml(
+            "nats_url = \"nats://file:4222\"\nadmin_token = \"from-file\"",
+            "t",
+            &o,
+        )
+        .unwrap();
         assert_eq!(c.nats_url.as_deref(), Some("nats://flag:4222"));
         assert_eq!(c.http_addr.port(), 1);
+        assert_eq!(c.admin_token.unwrap().expose(), "from-env");
+    }
+
+    #[test]
+    fn the_admin_token_is_checked_and_never_shown() {
+        let c = load("admin_token = \"s3cret-token\"").unwrap();
+        assert_eq!(c.admin_token.as_ref().unwrap().expose(), "s3cret-token");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug must redact the token"
+        );
+        for bad in ["", "has space", "tab\\there"] {
+            let e = load(&format!("admin_token = \"{bad}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("admin_token") && e.contains("printable"), "{e}");
+            if !bad.is_empty() {
+                assert!(!e.contains(bad), "the message must not echo the token: {e}");
+            }
+        }
     }
 }

@@ -198,7 +198,7 @@ fn config(url: &str) -> Result<Config, BoxError> {
     }
     let overrides = Overrides {
         nats_url: Some(url.to_string()),
-        http_addr: None,
+        ..Overrides::default()
     };
     Ok(Config::from_toml(&toml, "demo", &overrides)?)
 }

@@ -37,8 +37,10 @@
 //! - [`recover`]: what a partition's previous run left unacked, so order survives a restart.
 //! - [`release`]: pipelined publishing and the released job's headers.
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
-//! - [`admin`]: health and readiness over HTTP.
+//! - [`admin`]: the admin HTTP API: health, readiness, limits, keys, and its OpenAPI document.
+//! - [`inspect`]: operators' questions to the partition tasks (a key's state, the busiest keys, purge).
 //! - [`signal`]: the shutdown signal.
+//! - [`cli`]: the operator's commands: `weir limits` (NATS), `weir status` and `weir top` (admin API).
 //! - [`natsd`], [`load`], [`demo`], [`bench`]: a local nats-server, the load generator, the demo and
 //!   the end-to-end benchmark.
 #![forbid(unsafe_code)]
@@ -46,6 +48,7 @@
 pub mod admin;
 pub mod bench;
 pub mod caps;
+pub mod cli;
 pub mod config;
 pub mod dead;
 pub mod demo;

@@ -28,6 +28,12 @@ enum Cmd {
     Load(weir::load::LoadArgs),
     /// The end-to-end benchmark: raw JetStream ceiling vs Weir, rate error, latency, memory.
     Bench(weir::bench::BenchArgs),
+    /// Read and change limits in the WEIR_LIMITS bucket (through NATS; no Weir needs to run).
+    Limits(weir::cli::limits::LimitsArgs),
+    /// A running Weir's readiness and busiest keys, or one key's status (admin API).
+    Status(weir::cli::status::StatusArgs),
+    /// The busiest keys, live: offered/s, released/s, backlog, limit (admin API).
+    Top(weir::cli::top::TopArgs),
 }
 
 #[derive(Args)]
@@ -41,10 +47,21 @@ struct RunArgs {
     /// Admin HTTP address (beats the file).
     #[arg(long, env = "WEIR_HTTP_ADDR")]
     http_addr: Option<String>,
+    /// Bearer token the admin API's writes require (beats the file). Prefer the environment:
+    /// a flag shows in process listings.
+    #[arg(long, env = "WEIR_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 64 (EX_USAGE), like an invalid configuration; help and version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_CONFIG as u8 } else { 0 });
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -58,6 +75,7 @@ fn main() -> ExitCode {
             let overrides = Overrides {
                 nats_url: a.nats_url,
                 http_addr: a.http_addr,
+                admin_token: a.admin_token,
             };
             let config = match Config::load(a.config.as_deref(), &overrides) {
                 Ok(c) => c,
@@ -85,6 +103,20 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => rt
             .block_on(weir::bench::main(a))
             .map_or_else(|e| fail(&*e), |()| ExitCode::SUCCESS),
+        Cmd::Limits(a) => exit(rt.block_on(weir::cli::limits::main(a))),
+        Cmd::Status(a) => exit(rt.block_on(weir::cli::status::main(a))),
+        Cmd::Top(a) => exit(rt.block_on(weir::cli::top::main(a))),
+    }
+}
+
+/// An operator command's outcome as an exit code (see [`weir::cli`]).
+fn exit(r: Result<(), weir::cli::CliError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 

@@ -112,6 +112,7 @@ pub async fn run(
         partitions: Arc::new(stats.clone()),
         inspect,
         limits: store.clone(),
+        admin_token: config.admin_token.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

@@ -479,6 +479,7 @@ pub fn config(toml: &str, nats_url: &str, http: SocketAddr) -> Config {
         &Overrides {
             nats_url: Some(nats_url.to_string()),
             http_addr: Some(http.to_string()),
+            ..Overrides::default()
         },
     )
     .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"))

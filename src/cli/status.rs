@@ -1,0 +1,163 @@
+//! `weir status [KEY]`: a running Weir's readiness and busiest keys, or one key's status.
+
+use clap::Args;
+use serde_json::json;
+
+use super::api::{next_release, KeyStatus, Ready, Top, TopKey};
+use super::http::{error_message, segment, AdminClient};
+use super::table::Table;
+use super::{print_json, CliError};
+use crate::job;
+
+/// `weir status` flags.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A key to show; without it, readiness and the busiest keys.
+    pub key: Option<String>,
+    /// The admin API of a running `weir run`.
+    #[arg(long, env = "WEIR_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    pub admin_url: String,
+    /// How many of the busiest keys to list.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub limit: u16,
+    /// Print the API's JSON instead, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `weir status`: exits 1 when Weir is not ready or the key is unknown.
+pub async fn main(a: StatusArgs) -> Result<(), CliError> {
+    let client = AdminClient::new(&a.admin_url)?;
+    match &a.key {
+        Some(key) => key_status(&client, key, a.json).await,
+        None => overview(&client, a.limit, a.json).await,
+    }
+}
+
+async fn key_status(client: &AdminClient, key: &str, json: bool) -> Result<(), CliError> {
+    job::check_token(key).map_err(|e| CliError::Usage(format!("key {key:?} {e}")))?;
+    let path = format!("/v1/keys/{}", segment(key));
+    let answer = client.get(&path).await?;
+    match answer.status {
+        200 => {}
+        404 => return Err(CliError::Failed(error_message(&answer))),
+        400..=499 => return Err(CliError::Usage(error_message(&answer))),
+        _ => return Err(CliError::Unavailable(error_message(&answer))),
+    }
+    if json {
+        let v: serde_json::Value = client.json(&path, &answer)?;
+        print_json(&v);
+        return Ok(());
+    }
+    let s: KeyStatus = client.json(&path, &answer)?;
+    print!("{}", describe_key(&s));
+    Ok(())
+}
+
+/// One key, one fact a line.
+pub fn describe_key(s: &KeyStatus) -> String {
+    let lines = [
+        ("key", s.key.clone()),
+        ("partition", s.partition.to_string()),
+        (
+            "limit",
+            format!("{} (from {})", s.limit.short(), s.limit.source),
+        ),
+        (
+            "backlog",
+            format!("{} (held {}, parked {})", s.backlog, s.held, s.parked),
+        ),
+        (
+            "next release",
+            match (
+                next_release(s.next_release_in_ms, s.paused, s.backlog),
+                s.next_release_at,
+            ) {
+                (text, Some(at)) => format!("{text} (Unix ms {at})"),
+                (text, None) => text,
+            },
+        ),
+        (
+            "since backlog",
+            format!("offered {}, released {}", s.offered, s.released),
+        ),
+        (
+            "released",
+            format!("{} stored in WEIR_RELEASED", s.released_stored),
+        ),
+        ("dead", format!("{} in WEIR_DEAD", s.dead)),
+    ];
+    lines.iter().map(|(k, v)| format!("{k:<14}{v}\n")).collect()
+}
+
+async fn overview(client: &AdminClient, limit: u16, json: bool) -> Result<(), CliError> {
+    let answer = client.get("/readyz").await?;
+    let ready: Ready = client.json("/readyz", &answer)?;
+    let top_path = format!("/v1/keys?sort=backlog&limit={limit}");
+    let top = client.get(&top_path).await?;
+    let keys = match top.status {
+        200 => Ok(client.json::<Top>(&top_path, &top)?.keys),
+        _ => Err(error_message(&top)),
+    };
+    if json {
+        let keys: serde_json::Value = match &keys {
+            Ok(_) => client.json::<serde_json::Value>(&top_path, &top)?["keys"].take(),
+            Err(e) => json!({ "error": e }),
+        };
+        let ready_json: serde_json::Value = client.json("/readyz", &answer)?;
+        print_json(&json!({ "ready": ready_json, "keys": keys }));
+    } else {
+        println!(
+            "weir at {}: {} (NATS {}, {} of {} partitions bound)",
+            client.url(),
+            if ready.ready { "ready" } else { "NOT READY" },
+            if ready.nats_connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            ready.partitions_bound,
+            ready.partitions
+        );
+        match &keys {
+            Ok(k) if k.is_empty() => println!("\nno key holds a backlog"),
+            Ok(k) => print!("\nbusiest keys, by backlog:\n{}", top_table(k).render()),
+            Err(e) => println!("\nbusiest keys: unavailable ({e})"),
+        }
+    }
+    if !ready.ready {
+        return Err(CliError::Failed(format!(
+            "weir at {} is not ready",
+            client.url()
+        )));
+    }
+    keys.map(|_| ()).map_err(CliError::Unavailable)
+}
+
+/// The busiest keys as a table.
+fn top_table(keys: &[TopKey]) -> Table {
+    let mut t = Table::new(
+        &[
+            "KEY",
+            "BACKLOG",
+            "HELD",
+            "PARKED",
+            "LIMIT",
+            "FROM",
+            "NEXT RELEASE",
+        ],
+        &[1, 2, 3],
+    );
+    for k in keys {
+        t.row(vec![
+            k.key.clone(),
+            k.backlog.to_string(),
+            k.held.to_string(),
+            k.parked.to_string(),
+            k.limit.short(),
+            k.limit.source.clone(),
+            next_release(k.next_release_in_ms, k.paused, k.backlog),
+        ]);
+    }
+    t
+}
