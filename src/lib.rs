@@ -36,6 +36,7 @@
 //! - [`release`]: pipelined publishing and the released job's headers.
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
 //! - [`admin`]: health and readiness over HTTP.
+//! - [`metrics`]: OpenTelemetry metrics, per-partition recorders cheap enough per job, `GET /metrics`.
 //! - [`signal`]: the shutdown signal.
 //! - [`natsd`], [`load`], [`demo`], [`bench`]: a local nats-server, the load generator, the demo and
 //!   the end-to-end benchmark.
@@ -50,6 +51,7 @@ pub mod job;
 pub mod limiter;
 pub mod limits;
 pub mod load;
+pub mod metrics;
 pub mod natsd;
 pub mod park;
 pub mod partition;
