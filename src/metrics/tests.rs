@@ -1,3 +1,5 @@
+use std::collections::BTreeSet;
+
 use prometheus_parse::{Sample, Scrape, Value};
 
 use super::*;
@@ -210,4 +212,73 @@ async fn handler_serves_the_text_format() {
     assert_eq!(ctype, "text/plain; version=0.0.4");
     assert!(body.contains("weir_jobs_received_total"));
     let _router: axum::Router = router(Metrics::prometheus_only("r").expect("metrics"));
+}
+
+/// Metric names in the exposition (sample lines, so `_bucket`/`_sum`/`_count` included).
+fn rendered_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_string())
+        .collect()
+}
+
+fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, v) in o {
+                match v {
+                    serde_json::Value::String(s) if k == "expr" || k == "definition" => {
+                        out.push(s.clone())
+                    }
+                    v => exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn dashboard_uses_only_rendered_names() {
+    let dash: serde_json::Value =
+        serde_json::from_str(include_str!("../../dashboards/weir.json")).expect("dashboard JSON");
+    let mut all = Vec::new();
+    exprs(&dash, &mut all);
+    assert!(all.len() >= 9, "{all:?}");
+    let m = one_of_everything();
+    let names = rendered_names(&m.render());
+    // Label names (`weir_partition`, ...) are not metric names.
+    let labels: BTreeSet<String> = scrape(&m)
+        .samples
+        .iter()
+        .flat_map(|x| x.labels.keys().cloned().collect::<Vec<_>>())
+        .collect();
+    let mut used = BTreeSet::new();
+    for e in &all {
+        for token in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
+            if token.starts_with("weir_") && !labels.contains(token) {
+                used.insert(token.to_string());
+            }
+        }
+    }
+    let missing: Vec<&String> = used.iter().filter(|n| !names.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "dashboard names not rendered: {missing:?}\nrendered: {names:?}"
+    );
+    for n in [
+        "weir_jobs_released_total",
+        "weir_jobs_received_total",
+        "weir_jobs_parked_total",
+        "weir_jobs_dead_total",
+        "weir_backlog_held",
+        "weir_backlog_parked",
+        "weir_release_delay_milliseconds_bucket",
+        "weir_decisions_throttled_total",
+        "weir_consumer_lag",
+        "weir_limits_updates_total",
+    ] {
+        assert!(used.contains(n), "the dashboard has no panel on {n}");
+    }
 }
