@@ -37,6 +37,7 @@
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
 //! - [`admin`]: health and readiness over HTTP.
 //! - [`metrics`]: OpenTelemetry metrics, per-partition recorders cheap enough per job, `GET /metrics`.
+//! - [`trace`]: W3C trace context: a "weir hold" span per traced job, its `traceparent` rewritten.
 //! - [`signal`]: the shutdown signal.
 //! - [`natsd`], [`load`], [`demo`], [`bench`]: a local nats-server, the load generator, the demo and
 //!   the end-to-end benchmark.
@@ -60,6 +61,7 @@ pub mod release;
 pub mod scheduler;
 pub mod signal;
 pub mod streams;
+pub mod trace;
 
 mod server;
 pub use server::{connect, context, run, RunError};
