@@ -304,6 +304,17 @@ fn sync_instruments(meter: &Meter) -> (Histogram<u64>, Counter<u64>, Counter<u64
     (delay, updates, rejected)
 }
 
+/// The `weir.dead_reason` of a job Weir could not parse: `bad_subject` or `bad_token`.
+pub fn dead_reason_kind(reason: &crate::job::DeadReason) -> &'static str {
+    match reason {
+        crate::job::DeadReason::BadSubject { .. } => "bad_subject",
+        crate::job::DeadReason::BadToken { .. } => "bad_token",
+    }
+}
+
+/// The `weir.dead_reason` of a job JetStream refused to store (too large).
+pub const PUBLISH_REFUSED: &str = "publish_refused";
+
 fn env_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty())
 }

@@ -127,6 +127,13 @@ fn values_move() {
 }
 
 #[test]
+fn dead_reason_kinds() {
+    let kind = |subject| dead_reason_kind(&crate::job::parse_stored(subject).unwrap_err());
+    assert_eq!(kind("weir.in.1.sms"), "bad_subject");
+    assert_eq!(kind("weir.in.1.sms.a b"), "bad_token");
+}
+
+#[test]
 fn no_per_key_label_by_default() {
     let m = Metrics::prometheus_only("weir-test").expect("metrics");
     let mut p = m.partition(0);
