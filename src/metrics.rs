@@ -61,6 +61,7 @@
 //! ```
 
 mod recorder;
+mod shared;
 #[cfg(test)]
 mod tests;
 
@@ -76,7 +77,7 @@ use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 use opentelemetry_sdk::Resource;
 
 pub use recorder::PartitionMetrics;
-use recorder::Shared;
+use shared::Shared;
 
 /// Distinct destinations recorded under their own name; later ones become [`OTHER_DESTINATION`].
 pub const MAX_DESTINATIONS: usize = 1000;
@@ -201,7 +202,7 @@ impl Metrics {
         let provider = builder.build();
         let meter = provider.meter(SCOPE);
         let shared = Arc::new(Shared::default());
-        recorder::register_observables(&meter, &shared);
+        shared::register_observables(&meter, &shared);
         let (delay, limit_updates, limit_rejected) = sync_instruments(&meter);
         Ok(Metrics {
             inner: Arc::new(Inner {
