@@ -143,11 +143,36 @@ fn release_headers(c: &mut Criterion) {
     g.finish();
 }
 
+/// The per-job metrics: `PartitionMetrics::released` (a counter and the release-delay histogram),
+/// for one destination (the last-destination cache) and rotating over eight (a map lookup).
+fn metrics_released(c: &mut Criterion) {
+    let m = weir::metrics::Metrics::prometheus_only("bench").expect("metrics");
+    let mut g = c.benchmark_group("metrics/released");
+    g.throughput(Throughput::Elements(1));
+    for dests in [1usize, 8] {
+        let mut p = m.partition(0);
+        let names: Vec<String> = (0..dests).map(|i| format!("dest-{i}")).collect();
+        let mut i = 0usize;
+        g.bench_with_input(BenchmarkId::from_parameter(dests), &dests, |b, _| {
+            b.iter(|| {
+                i += 1;
+                p.released(
+                    black_box(&names[i % names.len()]),
+                    black_box(i as u64 & 0xffff),
+                );
+            })
+        });
+    }
+    g.finish();
+    black_box(m.render());
+}
+
 criterion_group!(
     benches,
     decision,
     decision_with_updates,
     bucket,
-    release_headers
+    release_headers,
+    metrics_released
 );
 criterion_main!(benches);

@@ -38,7 +38,8 @@
 //! - [`release`]: pipelined publishing and the released job's headers.
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
 //! - [`admin`]: the admin HTTP API: health, readiness, limits, keys, and its OpenAPI document.
-//! - [`inspect`]: operators' questions to the partition tasks (a key's state, the busiest keys, purge).
+//! - [`metrics`]: OpenTelemetry metrics, per-partition recorders cheap enough per job, `GET /metrics`.
+//! - [`trace`]: W3C trace context: a "weir hold" span per traced job, its `traceparent` rewritten.
 //! - [`signal`]: the shutdown signal.
 //! - [`cli`]: the operator's commands: `weir limits` (NATS), `weir status` and `weir top` (admin API).
 //! - [`natsd`], [`load`], [`demo`], [`bench`]: a local nats-server, the load generator, the demo and
@@ -57,6 +58,7 @@ pub mod job;
 pub mod limiter;
 pub mod limits;
 pub mod load;
+pub mod metrics;
 pub mod natsd;
 pub mod park;
 pub mod partition;
@@ -65,6 +67,7 @@ pub mod release;
 pub mod scheduler;
 pub mod signal;
 pub mod streams;
+pub mod trace;
 
 mod server;
 pub use server::{connect, context, run, RunError};
