@@ -32,7 +32,12 @@ pub fn headers(
 }
 
 /// Dead-letters every message of the triage consumer until `cancel`.
-pub async fn triage(js: Context, consumer: PullConsumer, cancel: CancellationToken) {
+pub async fn triage(
+    js: Context,
+    consumer: PullConsumer,
+    mut metrics: crate::metrics::PartitionMetrics,
+    cancel: CancellationToken,
+) {
     let mut pubs: Pipeline<async_nats::jetstream::message::Acker> = Pipeline::new(js, 64);
     // One waiter for the whole run, not one per job.
     let cancelled = cancel.cancelled();
@@ -63,6 +68,7 @@ pub async fn triage(js: Context, consumer: PullConsumer, cancel: CancellationTok
                         };
                         let (msg, acker) = m.split();
                         let reason = job::triage(&msg.subject);
+                        metrics.dead("", crate::metrics::dead_reason_kind(&reason));
                         tracing::info!(subject = %msg.subject, %reason, "dead-lettering a job");
                         let h = headers(msg.headers, &msg.subject, &reason, seq);
                         if let Err((_, acker)) = pubs.publish(job::dead_subject(None), h, msg.payload, acker).await {

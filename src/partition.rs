@@ -5,6 +5,7 @@
 //! A partition owns its keys outright (the stream's partition transform sends all of a key's
 //! jobs here), so its state needs no lock: one task, one map.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +27,10 @@ use crate::inspect::{Command, Purged};
 use crate::job::{self, header, DeadReason};
 use crate::limiter::{instant_at, now};
 use crate::limits::Limits;
+use crate::metrics::PartitionMetrics;
 use crate::release::{self, Pipeline};
 use crate::scheduler::{Action, Caps, Held, Offer, Routed, Scheduler};
+use crate::trace::Tracing;
 use crate::{dead, park};
 use governor::nanos::Nanos;
 
@@ -135,6 +138,8 @@ pub struct Partition {
     /// the loop polls one cheap receiver per turn (a `watch` receiver's `changed()` would
     /// register a waiter under a lock on every turn).
     commands: mpsc::Receiver<Command>,
+    metrics: PartitionMetrics,
+    tracing: Tracing,
 }
 
 /// What a partition task is connected to.
@@ -148,6 +153,8 @@ pub struct Links {
     pub caps: Arc<Caps>,
     pub commands: mpsc::Receiver<Command>,
     pub stats: Arc<PartitionStats>,
+    pub metrics: PartitionMetrics,
+    pub tracing: Tracing,
 }
 
 impl Partition {
@@ -159,6 +166,8 @@ impl Partition {
             caps,
             commands,
             stats,
+            metrics,
+            tracing,
         } = links;
         stats.limits_revision.store(limits.revision, Relaxed);
         let mut sched = Scheduler::new(limits, c.horizon, c.max_held_per_partition as usize);
@@ -175,6 +184,8 @@ impl Partition {
             client: js.client(),
             fence_for: c.ack_wait * 2,
             commands,
+            metrics,
+            tracing,
         }
     }
 
@@ -264,7 +275,13 @@ impl Partition {
                             *self.stats.dest_usage.lock().unwrap_or_else(|e| e.into_inner()) = usage;
                         }
                         if ticks % 8 == 0 {
-                            self.sched.evict_idle(now());
+                            let parked = self.sched.evict_idle(now());
+                            self.metrics.set_backlog(self.sched.stats().held as u64, parked);
+                            let n = self.metrics.top_keys_wanted();
+                            if n > 0 {
+                                let top = self.sched.top(n, now());
+                                self.metrics.set_top_keys(top.into_iter().map(|v| { let b = v.backlog(); (v.key, b) }).collect());
+                            }
                         }
                     }
                     m = messages.next(), if !self.pubs.is_full() => match m {
@@ -300,11 +317,14 @@ impl Partition {
 
     async fn on_message(&mut self, m: async_nats::jetstream::Message) {
         let (seq, redelivered, enqueued_ms) = match m.info() {
-            Ok(i) => (
-                i.stream_sequence,
-                i.delivered > 1,
-                (i.published.unix_timestamp_nanos() / 1_000_000) as u64,
-            ),
+            Ok(i) => {
+                self.metrics.set_consumer_lag(i.pending);
+                (
+                    i.stream_sequence,
+                    i.delivered > 1,
+                    (i.published.unix_timestamp_nanos() / 1_000_000) as u64,
+                )
+            }
             Err(e) => {
                 // Without its stream sequence a job has no order and no derived message id:
                 // hand it back rather than guess.
@@ -326,10 +346,20 @@ impl Partition {
         };
         match job::parse_stored(&subject) {
             Err(reason) => self.dead(job, seq, None, reason).await,
-            Ok(route) => match self.sched.offer(route.key, seq, redelivered, job, now()) {
-                Offer::Held => {}
-                Offer::Park(key, job) => self.park(key, route.dest, seq, job).await,
-            },
+            Ok(route) => {
+                self.metrics.received(route.dest);
+                let held = self.sched.stats().held;
+                match self.sched.offer(route.key, seq, redelivered, job, now()) {
+                    // Queued rather than released at once: the decision had to wait.
+                    Offer::Held if self.sched.stats().held > held => self.metrics.throttled(),
+                    Offer::Held => {}
+                    Offer::Park(key, job) => {
+                        self.metrics.throttled();
+                        self.metrics.parked(route.dest);
+                        self.park(key, route.dest, seq, job).await
+                    }
+                }
+            }
         }
     }
 
@@ -358,6 +388,9 @@ impl Partition {
         reason: DeadReason,
     ) {
         let subject = job::dead_subject(route);
+        let dest = route.map_or("", |(d, _)| d);
+        self.metrics
+            .dead(dest, crate::metrics::dead_reason_kind(&reason));
         let h = dead::headers(job.headers.take(), &job.subject, &reason, seq);
         let acker = job.acker.take().expect("fresh job");
         if let Err((e, tag)) = self
@@ -410,20 +443,32 @@ impl Partition {
             job,
         } = held;
         let mut h = job.headers.unwrap_or_default();
-        let subject = if park_seq.is_none() {
-            let route = job::parse_stored(&job.subject).expect("validated when offered");
-            release::stamp(&mut h, &key, route.dest, job.enqueued_ms, || {
-                job::derived_msg_id(src_seq)
-            });
-            job::released_subject(route.dest, &key)
-        } else {
-            let dest = h
-                .get(header::DESTINATION)
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default();
-            job::released_subject(&dest, &key)
+        let released_ms = release::unix_ms();
+        let fresh_route = park_seq
+            .is_none()
+            .then(|| job::parse_stored(&job.subject).expect("validated when offered"));
+        let (dest, enqueued_ms) = match &fresh_route {
+            Some(route) => {
+                release::stamp(&mut h, &key, route.dest, job.enqueued_ms, || {
+                    job::derived_msg_id(src_seq)
+                });
+                (Cow::Borrowed(route.dest), job.enqueued_ms)
+            }
+            None => {
+                let get = |name| h.get(name).map(|v| v.as_str());
+                let dest = get(header::DESTINATION).unwrap_or_default().to_string();
+                let enq = get(header::ENQUEUED_AT).and_then(|v| v.parse().ok());
+                (Cow::Owned(dest), enq.unwrap_or(released_ms))
+            }
         };
-        release::stamp_released(&mut h, release::unix_ms());
+        self.metrics
+            .released(&dest, released_ms.saturating_sub(enqueued_ms));
+        if self.tracing.is_enabled() {
+            self.tracing
+                .hold(&mut h, &dest, &key, enqueued_ms, released_ms);
+        }
+        let subject = job::released_subject(&dest, &key);
+        release::stamp_released(&mut h, released_ms);
         let tag = Tag::Release {
             key,
             park_seq,
@@ -499,11 +544,12 @@ impl Partition {
             }
             Command::Purge { key, reply } => {
                 let mut purged = Purged::default();
+                // Jobs read back from the park are counted with the park's purge below.
                 for h in self.sched.purge_key(&key) {
                     if let Some(a) = h.job.acker {
                         ack(a).await;
+                        purged.held += 1;
                     }
-                    purged.held += 1;
                 }
                 purged.parked = park::purge_all(&self.park, self.id, &key).await;
                 tracing::info!(

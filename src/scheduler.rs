@@ -561,17 +561,25 @@ impl<J: Routed> Scheduler<J> {
     }
 
     /// Forgets keys that have been idle long enough for their bucket to be full again: such a key
-    /// behaves exactly like a new one, so its state is pure cost. One pass over the map (a few
+    /// behaves exactly like a new one, so its state is pure cost. Returns the jobs parked over
+    /// the keys that remain (for the backlog gauge). One pass over the map (a few
     /// nanoseconds a key), so the caller runs it every second or so rather than keeping a
     /// per-key eviction timer, which would cost memory on every tracked key.
-    pub fn evict_idle(&mut self, now: Nanos) -> usize {
-        let before = self.keys.len();
-        // One clock reading for the whole pass.
-        crate::limiter::decide_at(now, || self.keys.retain(|_, st| !st.evictable()));
+    pub fn evict_idle(&mut self, now: Nanos) -> u64 {
+        // One clock reading for the whole pass; the same pass counts the parked jobs.
+        let mut parked = 0u64;
+        crate::limiter::decide_at(now, || {
+            self.keys.retain(|_, st| {
+                if let Some(b) = st.busy.as_deref() {
+                    parked += b.unread + u64::from(b.parking);
+                }
+                !st.evictable()
+            })
+        });
         if self.keys.capacity() > 4 * self.keys.len() + 1024 {
             self.keys.shrink_to_fit();
         }
-        before - self.keys.len()
+        parked
     }
 
     /// Releases what the key may release now, asks for reads from the park, schedules the next

@@ -10,7 +10,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::limits::{store::Store, Limits};
+use crate::metrics::Metrics;
 use crate::partition::{Links, Partition, PartitionStats};
+use crate::trace::Tracing;
 use crate::{admin, dead, inspect, streams};
 
 /// Why Weir stopped with an error.
@@ -25,6 +27,10 @@ pub enum RunError {
     Topology(#[from] streams::TopologyError),
     #[error(transparent)]
     Limits(#[from] crate::limits::store::StoreError),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error("cannot set up tracing: {0}")]
+    Trace(#[from] crate::trace::TraceError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -65,13 +71,19 @@ pub async fn run(
     let topo = streams::ensure(&js, &config).await?;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let metrics = Metrics::install("weir")?;
+    let traces = Tracing::install("weir")?;
     let store = Store::open(&js, &config).await?;
+    let m = metrics.clone();
     let (limits, watcher) = store
         .clone()
         .watch(
             Limits::base(&config),
             Duration::from_secs(5),
-            |_| {},
+            move |change| match change {
+                Ok(entry) => m.limit_update_applied(entry.kind()),
+                Err(_) => m.limit_update_rejected(),
+            },
             cancel.clone(),
         )
         .await;
@@ -121,9 +133,11 @@ pub async fn run(
             source,
         })?;
     let http_cancel = cancel.clone();
+    let http_metrics = metrics.clone();
     tracker.spawn(async move {
-        let serve = axum::serve(listener, admin::router(state))
-            .with_graceful_shutdown(http_cancel.cancelled_owned());
+        let router = admin::router(state).merge(crate::metrics::router(http_metrics));
+        let serve =
+            axum::serve(listener, router).with_graceful_shutdown(http_cancel.cancelled_owned());
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "admin listener failed");
         }
@@ -145,6 +159,8 @@ pub async fn run(
             caps: caps.borrow().clone(),
             commands,
             stats: stats[i].clone(),
+            metrics: metrics.partition(p),
+            tracing: traces.clone(),
         };
         let part = Partition::new(p, links, &config);
         tracker.spawn(part.run(consumer, cancel.clone()));
@@ -156,7 +172,12 @@ pub async fn run(
         &config,
     )
     .await?;
-    tracker.spawn(dead::triage(js.clone(), triage, cancel.clone()));
+    tracker.spawn(dead::triage(
+        js.clone(),
+        triage,
+        metrics.unpartitioned(),
+        cancel.clone(),
+    ));
     tracing::info!(partitions = config.partitions, http = %config.http_addr, "weir is running");
 
     shutdown.await;
@@ -169,6 +190,8 @@ pub async fn run(
     {
         tracing::warn!("grace period over; unacked jobs will be redelivered");
     }
+    metrics.shutdown();
+    traces.shutdown();
     watcher.abort();
     caps_task.abort();
     if let Err(e) = client.drain().await {

@@ -100,10 +100,23 @@ impl Store {
 
     /// Opens an existing bucket (for the CLI and the admin API).
     pub async fn get(js: &Context) -> Result<Store, StoreError> {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use async_nats::jetstream::ErrorCode;
+        // Asked first so that "no bucket" is told apart from NATS being away or slow.
+        if let Err(e) = js.get_stream(format!("KV_{BUCKET}")).await {
+            return Err(match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    StoreError::Missing
+                }
+                _ => StoreError::nats("open", e),
+            });
+        }
         js.get_key_value(BUCKET)
             .await
             .map(|kv| Store { kv })
-            .map_err(|_| StoreError::Missing)
+            .map_err(|e| StoreError::nats("open", e))
     }
 
     pub async fn get_entry(&self, entry: &Entry) -> Result<Option<Stored>, StoreError> {
