@@ -308,6 +308,23 @@ mod tests {
         }
     }
 
+    /// Destination "d", capped at 100/s, as this process reports it.
+    fn one_share(report: DestReport) -> StdMap<String, Share> {
+        let limit = Limit {
+            rate: "100/s".parse().unwrap(),
+            burst: 10,
+        };
+        let share = Share {
+            limit,
+            applied: report.applied,
+            target: report.target,
+            raise_since: None,
+            released_before: 0,
+            report,
+        };
+        [("d".to_string(), share)].into()
+    }
+
     #[test]
     fn a_saturated_process_borrows_what_idle_ones_do_not_use() {
         // Cap 100/s; the other process is idle.
@@ -323,22 +340,7 @@ mod tests {
 
     #[test]
     fn raising_waits_for_the_reservation_and_leaves_room_for_others() {
-        let limit = Limit {
-            rate: "100/s".parse().unwrap(),
-            burst: 10,
-        };
-        let mut shares = StdMap::new();
-        shares.insert(
-            "d".to_string(),
-            Share {
-                limit,
-                applied: 0.5,
-                target: 0.5,
-                raise_since: None,
-                released_before: 0,
-                report: r(0.5, 0.5, 10, 50.0),
-            },
-        );
+        let mut shares = one_share(r(0.5, 0.5, 10, 50.0));
         let idle = Report {
             id: "b".into(),
             dests: [("d".to_string(), r(0.5, 0.5, 0, 0.0))].into(),
@@ -361,22 +363,7 @@ mod tests {
 
     #[test]
     fn lowering_applies_at_once() {
-        let limit = Limit {
-            rate: "100/s".parse().unwrap(),
-            burst: 10,
-        };
-        let mut shares = StdMap::new();
-        shares.insert(
-            "d".to_string(),
-            Share {
-                limit,
-                applied: 0.95,
-                target: 0.95,
-                raise_since: None,
-                released_before: 0,
-                report: r(0.95, 0.95, 1, 90.0),
-            },
-        );
+        let mut shares = one_share(r(0.95, 0.95, 1, 90.0));
         let busy = Report {
             id: "b".into(),
             dests: [("d".to_string(), r(0.05, 0.05, 3, 5.0))].into(),

@@ -4,7 +4,7 @@ use super::*;
 use crate::config::{Config, Overrides};
 use crate::limiter::now;
 
-fn sched(toml: &str, horizon_ms: u64) -> Scheduler<u64> {
+fn sched<J: Routed>(toml: &str, horizon_ms: u64) -> Scheduler<J> {
     let c = Config::from_toml(toml, "t", &Overrides::default()).unwrap();
     Scheduler::new(
         Arc::new(Limits::from_config(&c)),
@@ -406,17 +406,7 @@ fn capped(dest: &str, rate: &str, burst: u32) -> Caps {
 
 #[tokio::test(start_paused = true)]
 async fn a_destination_cap_bounds_the_sum_over_keys_and_shares_it_fairly() {
-    let c = Config::from_toml(
-        "[limits.default]\nrate = \"100/s\"\nburst = 5",
-        "t",
-        &Overrides::default(),
-    )
-    .unwrap();
-    let mut s = Scheduler::new(
-        Arc::new(Limits::from_config(&c)),
-        Duration::from_secs(60),
-        100_000,
-    );
+    let mut s = sched("[limits.default]\nrate = \"100/s\"\nburst = 5", 60_000);
     s.set_caps(&capped("sms", "20/s", 2), now());
     let mut seq = 0;
     // One hot key with a huge backlog, four cold ones with a few jobs each, and a key sending
@@ -466,17 +456,7 @@ async fn a_destination_cap_bounds_the_sum_over_keys_and_shares_it_fairly() {
 
 #[tokio::test(start_paused = true)]
 async fn a_destination_cap_removed_releases_its_queue_at_the_keys_rates() {
-    let c = Config::from_toml(
-        "[limits.default]\nrate = \"100/s\"",
-        "t",
-        &Overrides::default(),
-    )
-    .unwrap();
-    let mut s = Scheduler::new(
-        Arc::new(Limits::from_config(&c)),
-        Duration::from_secs(60),
-        100_000,
-    );
+    let mut s = sched("[limits.default]\nrate = \"100/s\"", 60_000);
     s.set_caps(&capped("sms", "1/s", 1), now());
     for seq in 1..=100 {
         s.offer("a", seq, false, (seq, "sms"), now());
