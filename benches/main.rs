@@ -16,13 +16,29 @@ fn limits(toml: &str) -> Arc<Limits> {
     Arc::new(Limits::from_config(&c))
 }
 
+/// A runtime for the scheduler's timers (the clock is tokio's).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime")
+}
+
+/// Offers job `i` of `key`, then completes the release it leads to: one decision.
+fn decide(s: &mut Scheduler<u64>, key: &str, i: u64, acts: &mut Vec<Action<u64>>) {
+    black_box(s.offer(key, i, false, i, now()));
+    s.take_actions(acts);
+    for a in acts.drain(..) {
+        if let Action::Release { key, job } = a {
+            s.release_done(&key, job.park_seq, true, now());
+        }
+    }
+}
+
 /// One scheduling decision for a job of a key under its limit (the pass-through path): key
 /// lookup, GCRA check, release action, and the release's completion.
 fn decision(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let _guard = rt.enter();
     let mut g = c.benchmark_group("scheduler/decision");
     g.throughput(Throughput::Elements(1));
@@ -39,13 +55,7 @@ fn decision(c: &mut Criterion) {
             b.iter(|| {
                 let key = &names[i % names.len()];
                 i += 1;
-                black_box(s.offer(key, i as u64, false, i as u64, now()));
-                s.take_actions(&mut acts);
-                for a in acts.drain(..) {
-                    if let Action::Release { key, job } = a {
-                        s.release_done(&key, job.park_seq, true, now());
-                    }
-                }
+                decide(&mut s, key, i as u64, &mut acts);
             })
         });
     }
@@ -57,10 +67,7 @@ fn decision(c: &mut Criterion) {
 /// table, the partition's diff and the re-limited key), so the figure includes the amortised
 /// cost of applying updates.
 fn decision_with_updates(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let _guard = rt.enter();
     let mut g = c.benchmark_group("scheduler/decision_with_updates");
     g.throughput(Throughput::Elements(1));
@@ -87,13 +94,7 @@ fn decision_with_updates(c: &mut Criterion) {
                     .expect("valid");
                 s.set_limits(Arc::new(table.clone()), now());
             }
-            black_box(s.offer(key, i as u64, false, i as u64, now()));
-            s.take_actions(&mut acts);
-            for a in acts.drain(..) {
-                if let Action::Release { key, job } = a {
-                    s.release_done(&key, job.park_seq, true, now());
-                }
-            }
+            decide(&mut s, key, i as u64, &mut acts);
         })
     });
     g.finish();
@@ -101,10 +102,7 @@ fn decision_with_updates(c: &mut Criterion) {
 
 /// A GCRA check on one governor bucket.
 fn bucket(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let _guard = rt.enter();
     let limit = Config::from_toml(
         "[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000",

@@ -41,6 +41,24 @@ fn released_of<'a>(seen: &'a [Seen], key: &str) -> Vec<&'a Seen> {
         .collect()
 }
 
+/// Two Weir processes with `base`'s config, one running partition 0, the other partition 1.
+async fn two_processes(env: &Env, base: &str) -> (InProc, InProc) {
+    let a = InProc::start(env, &format!("owned_partitions = [0]\n{base}")).await;
+    let b = InProc::start(env, &format!("owned_partitions = [1]\n{base}")).await;
+    (a, b)
+}
+
+/// Two processes (keys at 100/s burst 5) sharing a cap on destination `carrier`.
+async fn capped_pair(env: &Env, rate: &str, burst: i64) -> (InProc, InProc) {
+    let base = "partitions = 2\n[limits.default]\nrate = \"100/s\"\nburst = 5\n";
+    store(env, base)
+        .await
+        .put(&Entry::Destination("carrier".into()), &limit(rate, burst))
+        .await
+        .unwrap();
+    two_processes(env, base).await
+}
+
 /// When the release pace changed: the first release after `after` that follows its predecessor
 /// within `gap`.
 fn sped_up_at(seen: &[&Seen], after: Instant, gap: Duration) -> Option<Instant> {
@@ -55,8 +73,7 @@ fn sped_up_at(seen: &[&Seen], after: Instant, gap: Duration) -> Option<Instant> 
 async fn a_raised_limit_applies_within_a_second_in_every_process() {
     let env = Env::start().await;
     let base = "partitions = 2\n[limits.default]\nrate = \"2/s\"\nburst = 1\n";
-    let a = InProc::start(&env, &format!("owned_partitions = [0]\n{base}")).await;
-    let b = InProc::start(&env, &format!("owned_partitions = [1]\n{base}")).await;
+    let (a, b) = two_processes(&env, base).await;
     let (ka, kb) = (key_in("a", 0, 2), key_in("b", 1, 2));
     let collector = Collector::start(&env.client, "released.>").await;
     let jobs = (0..300).flat_map(|i| [Job::seq("sms", &ka, i), Job::seq("sms", &kb, i)]);
@@ -274,14 +291,7 @@ async fn a_destination_cap_bounds_the_sum_over_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_cap_holds_over_two_processes() {
     let env = Env::start().await;
-    let base = "partitions = 2\n[limits.default]\nrate = \"100/s\"\nburst = 5\n";
-    let store = store(&env, base).await;
-    store
-        .put(&Entry::Destination("carrier".into()), &limit("20/s", 2))
-        .await
-        .unwrap();
-    let a = InProc::start(&env, &format!("owned_partitions = [0]\n{base}")).await;
-    let b = InProc::start(&env, &format!("owned_partitions = [1]\n{base}")).await;
+    let (a, b) = capped_pair(&env, "20/s", 2).await;
     let collector = Collector::start(&env.client, "released.>").await;
     let keys: Vec<String> = (0..2)
         .flat_map(|p| [key_in("x", p, 2), key_in("y", p, 2)])
@@ -305,14 +315,7 @@ async fn a_destination_cap_holds_over_two_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_process_lends_its_share_of_a_cap() {
     let env = Env::start().await;
-    let base = "partitions = 2\n[limits.default]\nrate = \"100/s\"\nburst = 5\n";
-    let store = store(&env, base).await;
-    store
-        .put(&Entry::Destination("carrier".into()), &limit("40/s", 4))
-        .await
-        .unwrap();
-    let a = InProc::start(&env, &format!("owned_partitions = [0]\n{base}")).await;
-    let b = InProc::start(&env, &format!("owned_partitions = [1]\n{base}")).await;
+    let (a, b) = capped_pair(&env, "40/s", 4).await;
     let collector = Collector::start(&env.client, "released.>").await;
     // Every key in partition 0: all the traffic is on process a.
     let keys: Vec<String> = (0..4).map(|i| key_in(&format!("k{i}-"), 0, 2)).collect();
