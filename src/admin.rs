@@ -2,7 +2,8 @@
 //!
 //! `/healthz` answers while the process runs (a liveness probe must not fail because NATS is
 //! away: restarting Weir would not bring NATS back). `/readyz` answers 200 only while NATS is
-//! connected and every partition's consumer is bound.
+//! connected, the process has joined the group, and every partition it runs has its consumer
+//! bound. `/v1/cluster` shows the group ([`cluster`]).
 //!
 //! The operator's API (`/v1/...`) reads and writes the `WEIR_LIMITS` bucket ([`limits`]) and asks
 //! the partition tasks about keys ([`keys`]). Writes (PUT, DELETE) need
@@ -12,9 +13,6 @@
 //!
 //! The router is built from one table ([`endpoints`]), and a test checks that the committed
 //! `openapi.json` lists exactly the table's routes, so the document cannot drift from the code.
-
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::handler::Handler;
@@ -27,8 +25,8 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::config::AdminToken;
-use crate::partition::PartitionStats;
 
+pub mod cluster;
 pub mod error;
 pub mod keys;
 pub mod limits;
@@ -43,7 +41,8 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 #[derive(Clone)]
 pub struct AdminState {
     pub client: async_nats::Client,
-    pub partitions: Arc<Vec<Arc<PartitionStats>>>,
+    /// Which partitions run here, and the group's view.
+    pub ownership: cluster::Ownership,
     /// Questions for the partition tasks (key status, busiest keys, purge).
     pub inspect: crate::inspect::Partitions,
     /// The `WEIR_LIMITS` bucket.
@@ -82,6 +81,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         }),
         ep(M::GET, "/readyz", readyz),
         ep(M::GET, "/openapi.json", openapi),
+        ep(M::GET, "/v1/cluster", cluster::get),
         ep(M::GET, "/v1/limits", limits::list),
         ep(M::GET, "/v1/limits/default", limits::get_default),
         ep(M::PUT, "/v1/limits/default", limits::put_default),
@@ -188,12 +188,8 @@ async fn openapi() -> impl IntoResponse {
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
     let connected = s.client.connection_state() == async_nats::connection::State::Connected;
-    let bound = s
-        .partitions
-        .iter()
-        .filter(|p| p.bound.load(Relaxed))
-        .count();
-    let ready = connected && bound == s.partitions.len();
+    let (joined_and_bound, bound, running) = s.ownership.ready();
+    let ready = connected && joined_and_bound;
     let code = if ready {
         StatusCode::OK
     } else {
@@ -205,7 +201,7 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, Json<serde_json::Va
             "ready": ready,
             "nats_connected": connected,
             "partitions_bound": bound,
-            "partitions": s.partitions.len(),
+            "partitions": running,
         })),
     )
 }

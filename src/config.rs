@@ -161,9 +161,19 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Stream replicas for the streams Weir creates (1 for a single server, 3 in a cluster).
     pub replicas: usize,
-    /// The partitions this process runs (all by default). A static split between processes:
-    /// each partition must be run by exactly one process, or its keys' rates and order break.
-    pub owned_partitions: Vec<u16>,
+    /// A static split: the partitions this process runs, whatever other processes do. Each
+    /// partition must then be run by exactly one process, or its keys' rates and order break.
+    /// `None` (the default): the process joins the group in `WEIR_CLUSTER` and owns a balanced
+    /// share of the partitions, moving as processes come and go ([`crate::cluster`]).
+    pub owned_partitions: Option<Vec<u16>>,
+    /// This process's name in the group: unique among running processes (a pod name). A process
+    /// restarted under its predecessor's name takes its partitions over at once, rather than
+    /// after their leases expire. Default: the host name.
+    pub member: String,
+    /// How long a partition's lease lasts unrenewed: a process killed without a chance to hand
+    /// over loses its partitions to the others after about this long. Used when Weir creates
+    /// `WEIR_CLUSTER`; afterwards the bucket's own value (its `max_age`) rules.
+    pub lease: Duration,
     /// When set, the admin API's writes (PUT, DELETE) need `Authorization: Bearer <token>`.
     /// Reads stay open: they expose backlogs and limits, never jobs.
     pub admin_token: Option<AdminToken>,
@@ -211,7 +221,9 @@ impl Default for Config {
             publish_window: 512,
             shutdown_grace: Duration::from_secs(20),
             replicas: 1,
-            owned_partitions: (0..16).collect(),
+            owned_partitions: None,
+            member: default_member(),
+            lease: Duration::from_secs(6),
             admin_token: None,
         }
     }
@@ -231,6 +243,8 @@ struct FileConfig {
     shutdown_grace_ms: Option<i64>,
     replicas: Option<i64>,
     owned_partitions: Option<Vec<i64>>,
+    member: Option<String>,
+    lease_ms: Option<i64>,
     admin_token: Option<String>,
     #[serde(default)]
     limits: FileLimits,
@@ -257,6 +271,33 @@ pub struct Overrides {
     pub nats_url: Option<String>,
     pub http_addr: Option<String>,
     pub admin_token: Option<String>,
+    pub member: Option<String>,
+}
+
+/// The host name (Kubernetes sets `HOSTNAME` to the pod's name), cut to what a member name may
+/// hold; `weir` when there is none.
+fn default_member() -> String {
+    let raw = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "weir".into()
+    } else {
+        name
+    }
 }
 
 impl Config {
@@ -374,7 +415,7 @@ impl Config {
             )? as usize;
         }
         c.owned_partitions = match &file.owned_partitions {
-            None => (0..c.partitions).collect(),
+            None => None,
             Some(list) => {
                 let mut owned = Vec::with_capacity(list.len());
                 for &p in list {
@@ -395,9 +436,30 @@ impl Config {
                     ));
                 }
                 owned.sort_unstable();
-                owned
+                Some(owned)
             }
         };
+        if let Some(m) = overrides.member.clone().or(file.member) {
+            let ok = (1..=64).contains(&m.len())
+                && m.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(ConfigError::invalid(
+                    "member",
+                    &m,
+                    "use 1 to 64 letters, digits, '-' or '_', unique among running processes (e.g. the pod name)",
+                ));
+            }
+            c.member = m;
+        }
+        c.lease = ms(
+            "lease_ms",
+            file.lease_ms,
+            c.lease,
+            1_000,
+            300_000,
+            "use milliseconds from 1000 to 300000; a killed process's partitions move after about this long",
+        )?;
         if let Some(t) = overrides.admin_token.clone().or(file.admin_token) {
             // The value is never echoed: it is a secret, and a typo'd one is still close to it.
             let len = t.len();
@@ -547,8 +609,14 @@ burst = 10
             load("partitions = 4\nowned_partitions = [3, 1]")
                 .unwrap()
                 .owned_partitions,
-            [1, 3]
+            Some(vec![1, 3])
         );
+        assert_eq!(load("").unwrap().owned_partitions, None);
+        let e = load("member = \"a.b\"").unwrap_err().to_string();
+        assert!(e.contains("member") && e.contains("pod name"), "{e}");
+        assert_eq!(load("member = \"weir-0\"").unwrap().member, "weir-0");
+        let e = load("lease_ms = 10").unwrap_err().to_string();
+        assert!(e.contains("lease_ms"), "{e}");
         let e = load("colour = 1").unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");
         let e = load("horizon_ms = 1\npartitions = \"many\"")
@@ -567,9 +635,10 @@ burst = 10
             nats_url: Some("nats://flag:4222".into()),
             http_addr: Some("0.0.0.0:1".into()),
             admin_token: Some("from-env".into()),
+            member: Some("pod-1".into()),
         };
         let c = Config::from_toml(
-            "nats_url = \"nats://file:4222\"\nadmin_token = \"from-file\"",
+            "nats_url = \"nats://file:4222\"\nadmin_token = \"from-file\"\nmember = \"m\"",
             "t",
             &o,
         )
@@ -577,6 +646,7 @@ burst = 10
         assert_eq!(c.nats_url.as_deref(), Some("nats://flag:4222"));
         assert_eq!(c.http_addr.port(), 1);
         assert_eq!(c.admin_token.unwrap().expose(), "from-env");
+        assert_eq!(c.member, "pod-1");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! Figures that JetStream already keeps (parked jobs, released and dead counts) are read from
 //! the streams' per-subject counts, so per-key figures cost no memory in Weir.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use async_nats::jetstream::stream::Stream;
 use futures::TryStreamExt;
@@ -81,17 +81,64 @@ pub enum Command {
 pub enum InspectError {
     #[error("partition {0} is not running (starting, or shutting down)")]
     Unavailable(u16),
-    #[error("partition {0} is run by another Weir process")]
-    NotOwned(u16),
+    #[error("partition {partition} is run by another Weir process{}", owner.as_ref().map(|o| format!(": {o}")).unwrap_or_default())]
+    NotOwned {
+        partition: u16,
+        /// Who runs it, when the group knows: `member <name> at <admin address>`.
+        owner: Option<String>,
+    },
     #[error("NATS: {0}")]
     Nats(String),
 }
 
+/// The channels of the partition tasks this process runs now, by partition number. Partitions
+/// come and go as the group rebalances ([`crate::shards`] keeps this up to date); a partition's
+/// channel is registered before it reads its first limits, so no change is missed.
+pub struct Registry {
+    senders: RwLock<Vec<Option<mpsc::Sender<Command>>>>,
+}
+
+impl Registry {
+    pub fn new(partitions: u16) -> Self {
+        Registry {
+            senders: RwLock::new(vec![None; partitions as usize]),
+        }
+    }
+
+    pub fn count(&self) -> u16 {
+        self.read().len() as u16
+    }
+
+    pub fn set(&self, p: u16, sender: Option<mpsc::Sender<Command>>) {
+        self.senders.write().unwrap_or_else(|e| e.into_inner())[p as usize] = sender;
+    }
+
+    pub fn get(&self, p: u16) -> Option<mpsc::Sender<Command>> {
+        self.read().get(p as usize).cloned().flatten()
+    }
+
+    /// The partitions running here, with their channels.
+    pub fn running(&self) -> Vec<(u16, mpsc::Sender<Command>)> {
+        self.read()
+            .iter()
+            .enumerate()
+            .filter_map(|(p, s)| s.clone().map(|s| (p as u16, s)))
+            .collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<mpsc::Sender<Command>>>> {
+        self.senders.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Says who runs a partition this process does not (the group's view), for error messages.
+pub type OwnerOf = Arc<dyn Fn(u16) -> Option<String> + Send + Sync>;
+
 /// Handles to every partition task of this process.
 #[derive(Clone)]
 pub struct Partitions {
-    /// By partition number; `None` for partitions another process runs.
-    senders: Arc<Vec<Option<mpsc::Sender<Command>>>>,
+    registry: Arc<Registry>,
+    owner_of: Option<OwnerOf>,
     jobs: Stream,
     released: Stream,
     dead: Stream,
@@ -139,7 +186,7 @@ pub fn channel() -> (mpsc::Sender<Command>, mpsc::Receiver<Command>) {
 pub async fn forward(
     mut limits: tokio::sync::watch::Receiver<Arc<Limits>>,
     mut caps: tokio::sync::watch::Receiver<Arc<crate::scheduler::Caps>>,
-    partitions: Vec<mpsc::Sender<Command>>,
+    partitions: Arc<Registry>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -149,7 +196,7 @@ pub async fn forward(
             Ok(()) = caps.changed() => Command::Caps(caps.borrow_and_update().clone()),
             else => return,
         };
-        for p in &partitions {
+        for (_, p) in partitions.running() {
             let cmd = match &cmd {
                 Command::Limits(l) => Command::Limits(l.clone()),
                 Command::Caps(c) => Command::Caps(c.clone()),
@@ -163,14 +210,16 @@ pub async fn forward(
 
 impl Partitions {
     pub fn new(
-        senders: Vec<Option<mpsc::Sender<Command>>>,
+        registry: Arc<Registry>,
+        owner_of: Option<OwnerOf>,
         jobs: Stream,
         released: Stream,
         dead: Stream,
         limits: tokio::sync::watch::Receiver<Arc<Limits>>,
     ) -> Self {
         Partitions {
-            senders: Arc::new(senders),
+            registry,
+            owner_of,
             jobs,
             released,
             dead,
@@ -179,7 +228,7 @@ impl Partitions {
     }
 
     pub fn count(&self) -> u16 {
-        self.senders.len() as u16
+        self.registry.count()
     }
 
     /// The limits in force in this process.
@@ -193,9 +242,10 @@ impl Partitions {
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, InspectError> {
         let (tx, rx) = oneshot::channel();
-        let sender = self.senders[p as usize]
-            .as_ref()
-            .ok_or(InspectError::NotOwned(p))?;
+        let sender = self.registry.get(p).ok_or_else(|| InspectError::NotOwned {
+            partition: p,
+            owner: self.owner_of.as_ref().and_then(|f| f(p)),
+        })?;
         sender
             .send(make(tx))
             .await
@@ -235,8 +285,13 @@ impl Partitions {
     /// The `limit` keys with the largest backlog, over every partition of this process.
     pub async fn top(&self, limit: usize) -> Result<Vec<KeyView>, InspectError> {
         let mut all = Vec::new();
-        for p in (0..self.count()).filter(|&p| self.senders[p as usize].is_some()) {
-            all.extend(self.ask(p, |reply| Command::Top { limit, reply }).await?);
+        for (p, _) in self.registry.running() {
+            match self.ask(p, |reply| Command::Top { limit, reply }).await {
+                Ok(keys) => all.extend(keys),
+                // Handed over meanwhile: its keys are another process's now.
+                Err(InspectError::NotOwned { .. } | InspectError::Unavailable(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         all.sort_by(|a, b| b.backlog().cmp(&a.backlog()).then(a.key.cmp(&b.key)));
         all.truncate(limit);

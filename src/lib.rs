@@ -27,6 +27,8 @@
 //! - [`config`]: the configuration, parsed and validated once at start.
 //! - [`streams`]: the JetStream topology (`WEIR_JOBS`, `WEIR_RELEASED`, `WEIR_PARK`, `WEIR_DEAD`).
 //! - [`job`]: subjects, headers and the naming contract.
+//! - [`cluster`]: which process runs which partition: members and leases in `WEIR_CLUSTER`.
+//! - [`shards`]: starts and stops this process's partition tasks as it gains and loses them.
 //! - [`partition`]: one task per partition: ingest from its consumer, carry out the scheduler's decisions.
 //! - [`scheduler`]: per-key queues and timers: release, hold or park (pure logic).
 //! - [`limits`]: which limit applies to a key; the `WEIR_LIMITS` bucket and its watcher.
@@ -50,6 +52,7 @@ pub mod admin;
 pub mod bench;
 pub mod caps;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dead;
 pub mod demo;
@@ -65,6 +68,7 @@ pub mod partition;
 pub mod recover;
 pub mod release;
 pub mod scheduler;
+pub mod shards;
 pub mod signal;
 pub mod streams;
 pub mod trace;

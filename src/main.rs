@@ -51,6 +51,10 @@ struct RunArgs {
     /// a flag shows in process listings.
     #[arg(long, env = "WEIR_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// This process's name in the group, unique among running processes (beats the file;
+    /// default: the host name). In Kubernetes, the pod name.
+    #[arg(long, env = "WEIR_MEMBER")]
+    member: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
                 nats_url: a.nats_url,
                 http_addr: a.http_addr,
                 admin_token: a.admin_token,
+                member: a.member,
             };
             let config = match Config::load(a.config.as_deref(), &overrides) {
                 Ok(c) => c,

@@ -110,12 +110,29 @@ enum OpDone {
 pub struct PartitionStats {
     pub bound: AtomicBool,
     pub limits_revision: AtomicU64,
+    /// Jobs held in memory and parked (refreshed every 2 s), and jobs not yet read from
+    /// `WEIR_JOBS` (per job): what the group's heartbeat reports for `/v1/cluster`.
+    pub held: AtomicU64,
+    pub parked: AtomicU64,
+    pub lag: AtomicU64,
     /// Per capped destination: (name, keys queued, jobs released so far); refreshed every
     /// sweep (250 ms), read by [`crate::caps`].
     dest_usage: std::sync::Mutex<Vec<(String, u64, u64)>>,
 }
 
 impl PartitionStats {
+    /// Back to "not running here", when the partition moves to another process.
+    fn clear(&self) {
+        self.bound.store(false, Relaxed);
+        self.held.store(0, Relaxed);
+        self.parked.store(0, Relaxed);
+        self.lag.store(0, Relaxed);
+        self.dest_usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     pub fn dest_usage(&self) -> std::collections::HashMap<String, (u64, u64)> {
         let u = self.dest_usage.lock().unwrap_or_else(|e| e.into_inner());
         u.iter().map(|(d, w, r)| (d.clone(), (*w, *r))).collect()
@@ -189,19 +206,39 @@ impl Partition {
         }
     }
 
-    /// Runs until `cancel`, then hands back what it holds; the caller bounds the whole by the grace period.
-    pub async fn run(mut self, mut consumer: PullConsumer, cancel: CancellationToken) {
+    /// Runs until `cancel`, then hands back what it holds; the caller bounds the whole by the
+    /// grace period. `reset`: the previous owner died holding jobs, so have JetStream deliver
+    /// them again now rather than after `ack_wait` ([`crate::recover::redeliver_now`]).
+    pub async fn run(mut self, mut consumer: PullConsumer, cancel: CancellationToken, reset: bool) {
+        self.serve(&mut consumer, &cancel, reset).await;
+        self.stats.clear();
+        self.metrics.set_backlog(0, 0);
+        self.metrics.set_consumer_lag(0);
+    }
+
+    async fn serve(
+        &mut self,
+        consumer: &mut PullConsumer,
+        cancel: &CancellationToken,
+        reset: bool,
+    ) {
         // Jobs the previous run held unacked come back later (after ack_wait) or out of order:
         // fence their keys so nothing newer overtakes them.
-        match crate::recover::unacked(&self.client, &mut consumer, self.id).await {
+        match crate::recover::unacked(&self.client, consumer, self.id).await {
             Ok(keys) => {
+                if reset && !keys.is_empty() {
+                    crate::recover::redeliver_now(consumer, self.id).await;
+                }
                 let until = Nanos::new(now().as_u64() + self.fence_for.as_nanos() as u64);
                 for (k, seqs) in keys {
                     self.sched.fence(&k, seqs, until);
                 }
             }
             Err(e) => {
-                tracing::warn!(partition = self.id, error = %e, "listing unacked jobs failed; order after this restart is not guaranteed")
+                tracing::warn!(partition = self.id, error = %e, "listing unacked jobs failed; order after this restart is not guaranteed");
+                if reset {
+                    crate::recover::redeliver_now(consumer, self.id).await;
+                }
             }
         }
         // Keys with parked jobs from an earlier run go first, before newer jobs of theirs.
@@ -276,7 +313,10 @@ impl Partition {
                         }
                         if ticks % 8 == 0 {
                             let parked = self.sched.evict_idle(now());
-                            self.metrics.set_backlog(self.sched.stats().held as u64, parked);
+                            let held = self.sched.stats().held as u64;
+                            self.metrics.set_backlog(held, parked);
+                            self.stats.held.store(held, Relaxed);
+                            self.stats.parked.store(parked, Relaxed);
                             let n = self.metrics.top_keys_wanted();
                             if n > 0 {
                                 let top = self.sched.top(n, now());
@@ -319,6 +359,7 @@ impl Partition {
         let (seq, redelivered, enqueued_ms) = match m.info() {
             Ok(i) => {
                 self.metrics.set_consumer_lag(i.pending);
+                self.stats.lag.store(i.pending, Relaxed);
                 (
                     i.stream_sequence,
                     i.delivered > 1,

@@ -8,6 +8,13 @@
 //! unacked ones) and fences each key until they are back.
 //!
 //! The listing uses batched direct gets (nats-server 2.11+), a few requests per thousand jobs.
+//!
+//! When the previous owner died (a crash, or a lease that expired), its jobs would come back
+//! only after `ack_wait`, and the fenced keys would wait that long. [`redeliver_now`] resets the
+//! consumer to its ack floor (ADR-60, nats-server 2.14+): on a work queue every job still
+//! stored there is unacked, and JetStream delivers them again at once, in stream order. Not
+//! after a clean hand-over: the previous owner's last acks may still be queued at the server,
+//! and a reset would discard them (the jobs would then be released twice, and de-duplicated).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -79,4 +86,20 @@ pub async fn unacked(
         }
     }
     Ok(out)
+}
+
+/// Has JetStream deliver the partition's unacked jobs again now (consumer reset to its ack
+/// floor). On failure (a server before 2.14) they come back after `ack_wait` instead.
+pub async fn redeliver_now(consumer: &mut PullConsumer, partition: u16) {
+    match consumer.reset(None).await {
+        Ok(_) => tracing::info!(
+            partition,
+            "the previous owner's unacked jobs are redelivered now"
+        ),
+        Err(e) => tracing::warn!(
+            partition,
+            error = %e,
+            "resetting the consumer failed; the previous owner's jobs come back after ack_wait"
+        ),
+    }
 }

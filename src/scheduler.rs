@@ -274,6 +274,13 @@ impl<J: Routed> Scheduler<J> {
         // past the budget, even keys within their horizon park, so the consumer keeps flowing.
         let over_budget = self.held.saturating_sub(self.loaded) >= self.hold_budget;
         let (k, st) = entry(&mut self.keys, &self.limits, self.horizon, key);
+        // A job the previous run held counts as redelivered even when JetStream delivers it
+        // for the first time again (after a consumer reset its delivery count starts over).
+        let redelivered = redelivered
+            || st
+                .busy
+                .as_deref()
+                .is_some_and(|b| b.fence.binary_search(&src_seq).is_ok());
         if let Some(b) = st.busy.as_deref_mut() {
             let full = b.queue.len() >= b.cap as usize || over_budget;
             if !redelivered && (b.unread > 0 || b.parking > 0 || full) {

@@ -1,6 +1,8 @@
-//! Wiring: topology, partition tasks, triage, admin listener, and a bounded shutdown.
+//! Wiring: topology, limits, the group (or a static partition list), triage, admin listener,
+//! and a bounded shutdown.
 
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,10 +10,12 @@ use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::{self, Group};
 use crate::config::Config;
 use crate::limits::{store::Store, Limits};
 use crate::metrics::Metrics;
-use crate::partition::{Links, Partition, PartitionStats};
+use crate::partition::PartitionStats;
+use crate::shards::{Deps, Shards};
 use crate::trace::Tracing;
 use crate::{admin, dead, inspect, streams};
 
@@ -31,6 +35,8 @@ pub enum RunError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot set up tracing: {0}")]
     Trace(#[from] crate::trace::TraceError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -88,32 +94,69 @@ pub async fn run(
         )
         .await;
 
-    let owned = &config.owned_partitions;
-    let stats: Vec<Arc<PartitionStats>> = owned.iter().map(|_| Arc::default()).collect();
+    let stats: Vec<Arc<PartitionStats>> = (0..config.partitions).map(|_| Arc::default()).collect();
+    // The group's bucket first: the caps' starting share depends on how many members there are.
+    let group_kv = match config.owned_partitions {
+        None => Some(cluster::open(&js, &config).await?),
+        Some(_) => None,
+    };
+    let static_share = match (&config.owned_partitions, &group_kv) {
+        (Some(owned), _) => owned.len() as f64 / f64::from(config.partitions),
+        (None, Some((kv, _))) => 1.0 / (cluster::member_count(kv).await + 1) as f64,
+        (None, None) => 1.0,
+    };
     let (caps, caps_task) = crate::caps::follow(
         limits.clone(),
         stats.clone(),
-        config.owned_partitions.len() as f64 / f64::from(config.partitions),
+        static_share,
         client.clone(),
         cancel.clone(),
     );
-    let mut senders = vec![None; config.partitions as usize];
-    let mut receivers = Vec::with_capacity(owned.len());
-    for &p in owned {
-        let (tx, rx) = inspect::channel();
-        senders[p as usize] = Some(tx);
-        receivers.push(rx);
-    }
-    // Before the partitions read their initial limits: a change in between is then forwarded
-    // (applying a table twice is harmless).
+    let registry = Arc::new(inspect::Registry::new(config.partitions));
     tracker.spawn(inspect::forward(
         limits.clone(),
         caps.clone(),
-        senders.iter().flatten().cloned().collect(),
+        registry.clone(),
         cancel.clone(),
     ));
+    let shards = Shards::new(
+        Deps {
+            js: js.clone(),
+            topo: topo.clone(),
+            config: config.clone(),
+            limits: limits.clone(),
+            caps: caps.clone(),
+            metrics: metrics.clone(),
+            tracing: traces.clone(),
+            registry: registry.clone(),
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+        },
+        stats,
+    );
+    let (view, ready, lease) = match (&config.owned_partitions, group_kv) {
+        (Some(owned), _) => {
+            for &p in owned {
+                // The previous run of a static split is over: its unacked jobs come back now.
+                shards.start(p, true);
+            }
+            (None, Arc::new(AtomicBool::new(true)), Duration::ZERO)
+        }
+        (None, Some((kv, lease))) => {
+            let group = Group::join(kv, lease, &config, shards.clone()).await?;
+            let (view, ready) = (group.view(), group.ready());
+            tracker.spawn(group.run(cancel.clone()));
+            (Some(view), ready, lease)
+        }
+        (None, None) => unreachable!("the bucket is opened for the group"),
+    };
+    let owner_of: Option<inspect::OwnerOf> = view.clone().map(|v| {
+        let f: inspect::OwnerOf = Arc::new(move |p| v.borrow().owner_of(p));
+        f
+    });
     let inspect = inspect::Partitions::new(
-        senders,
+        registry,
+        owner_of,
         topo.jobs.clone(),
         topo.released.clone(),
         topo.dead.clone(),
@@ -121,7 +164,15 @@ pub async fn run(
     );
     let state = admin::AdminState {
         client: client.clone(),
-        partitions: Arc::new(stats.clone()),
+        ownership: admin::cluster::Ownership {
+            view,
+            me: config.member.clone(),
+            http: config.http_addr.to_string(),
+            lease_ms: lease.as_millis() as u64,
+            shards,
+            ready,
+            jobs: topo.jobs.clone(),
+        },
         inspect,
         limits: store.clone(),
         admin_token: config.admin_token.clone(),
@@ -143,28 +194,6 @@ pub async fn run(
         }
     });
 
-    for (i, (&p, commands)) in owned.iter().zip(receivers).enumerate() {
-        let name = streams::partition_consumer(p);
-        let consumer = streams::consumer(
-            &topo.jobs,
-            &name,
-            vec![crate::job::partition_filter(p)],
-            &config,
-        )
-        .await?;
-        let links = Links {
-            js: js.clone(),
-            park: topo.park.clone(),
-            limits: limits.borrow().clone(),
-            caps: caps.borrow().clone(),
-            commands,
-            stats: stats[i].clone(),
-            metrics: metrics.partition(p),
-            tracing: traces.clone(),
-        };
-        let part = Partition::new(p, links, &config);
-        tracker.spawn(part.run(consumer, cancel.clone()));
-    }
     let triage = streams::consumer(
         &topo.jobs,
         streams::TRIAGE_CONSUMER,

@@ -65,7 +65,14 @@ impl From<StoreError> for ApiError {
 
 impl From<InspectError> for ApiError {
     fn from(e: InspectError) -> Self {
-        ApiError::unavailable(format!("{e}; retry in a moment"))
+        match e {
+            // 421 Misdirected Request: ask the process that runs the key's partition.
+            InspectError::NotOwned { .. } => ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("{e}; ask that process's admin API (GET /v1/cluster lists who runs what)"),
+            ),
+            _ => ApiError::unavailable(format!("{e}; retry in a moment")),
+        }
     }
 }
 

@@ -471,7 +471,17 @@ async fn readyz_ok(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// The config a test asked for, with the NATS URL and a fresh admin address.
+/// A member name no other Weir of this test run has, unless `toml` names one (a test that
+/// restarts "the same" process gives it the same name).
+pub fn member_name(toml: &str) -> Option<String> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let named = toml.lines().any(|l| l.trim_start().starts_with("member"));
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (!named).then(|| format!("t{}-{n}", std::process::id()))
+}
+
+/// The config a test asked for, with the NATS URL, a fresh admin address and a unique member
+/// name (unless the test gives one).
 pub fn config(toml: &str, nats_url: &str, http: SocketAddr) -> Config {
     Config::from_toml(
         toml,
@@ -479,6 +489,7 @@ pub fn config(toml: &str, nats_url: &str, http: SocketAddr) -> Config {
         &Overrides {
             nats_url: Some(nats_url.to_string()),
             http_addr: Some(http.to_string()),
+            member: member_name(toml),
             ..Overrides::default()
         },
     )
@@ -586,12 +597,15 @@ impl Proc {
         for _attempt in 0..5 {
             let http = free_addr();
             let file = config_file(toml);
-            let child = weir_command(
-                file.path(),
-                &["--nats-url", nats_url, "--http-addr", &http.to_string()],
-            )
-            .spawn()
-            .expect("spawn weir");
+            let http_arg = http.to_string();
+            let mut args = vec!["--nats-url", nats_url, "--http-addr", &http_arg];
+            let member = member_name(toml);
+            if let Some(m) = &member {
+                args.extend(["--member", m]);
+            }
+            let child = weir_command(file.path(), &args)
+                .spawn()
+                .expect("spawn weir");
             let mut p = Proc {
                 http,
                 child,
