@@ -529,7 +529,12 @@ impl Partition {
         tag: Tag,
     ) {
         let ok = match &res {
-            Ok(_) => true,
+            Ok(ack) => {
+                if ack.duplicate {
+                    self.metrics.duplicate();
+                }
+                true
+            }
             Err(e) => {
                 tracing::warn!(partition = self.id, error = %e, "publish failed; the job is handed back");
                 false

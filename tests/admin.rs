@@ -919,6 +919,13 @@ async fn status_and_top_cli_against_the_admin_api() {
         )),
         "{out}"
     );
+    assert!(out.contains("1 member(s), group mode:"), "{out}");
+    let me = out
+        .lines()
+        .find(|l| l.contains("(this one)"))
+        .unwrap_or_else(|| panic!("a row for this member: {out}"));
+    assert!(me.trim_end().ends_with("4  0-3"), "{me}");
+    assert!(out.contains("PARTITION  OWNER"), "{out}");
     let row = out
         .lines()
         .find(|l| l.starts_with("hot "))

@@ -3,7 +3,7 @@
 use clap::Args;
 use serde_json::json;
 
-use super::api::{next_release, KeyStatus, Ready, Top, TopKey};
+use super::api::{next_release, ranges, Cluster, KeyStatus, Ready, Top, TopKey};
 use super::http::{error_message, segment, AdminClient};
 use super::table::Table;
 use super::{print_json, CliError};
@@ -99,13 +99,22 @@ async fn overview(client: &AdminClient, limit: u16, json: bool) -> Result<(), Cl
         200 => Ok(client.json::<Top>(&top_path, &top)?.keys),
         _ => Err(error_message(&top)),
     };
+    let cluster_answer = client.get("/v1/cluster").await?;
+    let cluster = match cluster_answer.status {
+        200 => Ok(client.json::<Cluster>("/v1/cluster", &cluster_answer)?),
+        _ => Err(error_message(&cluster_answer)),
+    };
     if json {
         let keys: serde_json::Value = match &keys {
             Ok(_) => client.json::<serde_json::Value>(&top_path, &top)?["keys"].take(),
             Err(e) => json!({ "error": e }),
         };
+        let cluster: serde_json::Value = match &cluster {
+            Ok(_) => client.json("/v1/cluster", &cluster_answer)?,
+            Err(e) => json!({ "error": e }),
+        };
         let ready_json: serde_json::Value = client.json("/readyz", &answer)?;
-        print_json(&json!({ "ready": ready_json, "keys": keys }));
+        print_json(&json!({ "ready": ready_json, "cluster": cluster, "keys": keys }));
     } else {
         println!(
             "weir at {}: {} (NATS {}, {} of {} partitions bound)",
@@ -119,8 +128,12 @@ async fn overview(client: &AdminClient, limit: u16, json: bool) -> Result<(), Cl
             ready.partitions_bound,
             ready.partitions
         );
+        match &cluster {
+            Ok(c) => print!("{}", describe_cluster(c)),
+            Err(e) => println!("\ncluster: unavailable ({e})"),
+        }
         match &keys {
-            Ok(k) if k.is_empty() => println!("\nno key holds a backlog"),
+            Ok(k) if k.is_empty() => println!("\nno key of this process holds a backlog"),
             Ok(k) => print!("\nbusiest keys, by backlog:\n{}", top_table(k).render()),
             Err(e) => println!("\nbusiest keys: unavailable ({e})"),
         }
@@ -132,6 +145,49 @@ async fn overview(client: &AdminClient, limit: u16, json: bool) -> Result<(), Cl
         )));
     }
     keys.map(|_| ()).map_err(CliError::Unavailable)
+}
+
+/// The group's members and each partition's owner, backlog and lag.
+pub fn describe_cluster(c: &Cluster) -> String {
+    let mut members = Table::new(&["MEMBER", "ADMIN", "PARTS", "PARTITIONS"], &[2]);
+    for m in &c.members {
+        let me = if m.name == c.me { " (this one)" } else { "" };
+        members.row(vec![
+            format!("{}{me}", m.name),
+            m.http.clone(),
+            m.partitions.len().to_string(),
+            ranges(&m.partitions),
+        ]);
+    }
+    let mut parts = Table::new(
+        &["PARTITION", "OWNER", "HELD", "PARKED", "LAG", "ACK PENDING"],
+        &[0, 2, 3, 4, 5],
+    );
+    let opt = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
+    for a in &c.assignment {
+        parts.row(vec![
+            a.partition.to_string(),
+            a.owner.clone().unwrap_or_else(|| "(none)".into()),
+            a.held.to_string(),
+            a.parked.to_string(),
+            opt(a.lag),
+            opt(a.ack_pending),
+        ]);
+    }
+    let unowned = c.assignment.iter().filter(|a| a.owner.is_none()).count();
+    let mut out = format!(
+        "\n{} member(s), {} mode{}:\n{}",
+        c.members.len(),
+        c.mode,
+        if unowned > 0 {
+            format!(", {unowned} partition(s) without an owner")
+        } else {
+            String::new()
+        },
+        members.render()
+    );
+    out.push_str(&format!("\npartitions:\n{}", parts.render()));
+    out
 }
 
 /// The busiest keys as a table.

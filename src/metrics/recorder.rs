@@ -152,6 +152,12 @@ impl PartitionMetrics {
         self.cells.throttled.fetch_add(1, Relaxed);
     }
 
+    /// A release JetStream acked as a duplicate (already stored: released before).
+    #[inline]
+    pub fn duplicate(&self) {
+        self.cells.duplicates.fetch_add(1, Relaxed);
+    }
+
     /// Jobs this partition holds in memory and has parked.
     #[inline]
     pub fn set_backlog(&self, held: u64, parked: u64) {

@@ -86,6 +86,9 @@ pub(super) struct PartitionCells {
     pub(super) parked: AtomicU64,
     pub(super) lag: AtomicU64,
     pub(super) throttled: AtomicU64,
+    /// Release publishes JetStream acked as duplicates (a re-release after a crash or a
+    /// hand-over, absorbed by the duplicate window).
+    pub(super) duplicates: AtomicU64,
     /// Indexed by global destination index.
     pub(super) dests: Mutex<Vec<Option<Arc<DestCells>>>>,
     pub(super) dead: Mutex<Vec<Arc<DeadCell>>>,
@@ -120,6 +123,7 @@ impl Shared {
             parked: AtomicU64::new(0),
             lag: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             dests: Mutex::new(Vec::new()),
             dead: Mutex::new(Vec::new()),
         });
@@ -234,6 +238,15 @@ pub(super) fn register_observables(meter: &Meter, shared: &Arc<Shared>) {
         .with_description("Release decisions that had to wait for the key's limit")
         .with_callback(move |o: &dyn AsyncInstrument<u64>| {
             s.by_partition(|p| &p.throttled, |v, a| o.observe(v, a))
+        })
+        .build();
+    let s = shared.clone();
+    meter
+        .u64_observable_counter("weir.jobs.duplicates")
+        .with_unit("{job}")
+        .with_description("Releases JetStream dropped as duplicates: a job released again after a crash or hand-over, absorbed by WEIR_RELEASED's duplicate window")
+        .with_callback(move |o: &dyn AsyncInstrument<u64>| {
+            s.by_partition(|p| &p.duplicates, |v, a| o.observe(v, a))
         })
         .build();
     type PartField = fn(&PartitionCells) -> &AtomicU64;

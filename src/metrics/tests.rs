@@ -37,6 +37,7 @@ fn one_of_everything() -> Metrics {
     p0.dead("sms", "bad_token");
     p1.dead("", "bad_subject");
     p0.throttled();
+    p1.duplicate();
     p0.set_backlog(7, 3);
     p0.set_consumer_lag(42);
     p1.set_backlog(1, 0);
@@ -83,6 +84,7 @@ fn values_move() {
         value(&s, "weir_decisions_throttled_total", &p("1")),
         Some(0.0)
     );
+    assert_eq!(value(&s, "weir_jobs_duplicates_total", &p("1")), Some(1.0));
     assert_eq!(value(&s, "weir_backlog_held", &p("0")), Some(7.0));
     assert_eq!(value(&s, "weir_backlog_held", &p("1")), Some(1.0));
     assert_eq!(value(&s, "weir_backlog_parked", &p("0")), Some(3.0));
