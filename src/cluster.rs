@@ -59,7 +59,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::shards::Shards;
-use view::{Backlog, Holder, MemberInfo, View, LEASES, MEMBERS};
+use view::{Backlog, Change, Holder, MemberInfo, View, LEASES, MEMBERS};
 
 /// The bucket that holds membership and leases.
 pub const BUCKET: &str = "WEIR_CLUSTER";
@@ -130,15 +130,17 @@ impl Group {
                 _ = cancel.cancelled() => break,
                 e = async { match watch.as_mut() { Some(w) => w.next().await, None => std::future::pending().await } } => match e {
                     Some(Ok(e)) => {
-                        if let Some(p) = self.view.apply(&e) {
+                        let change = self.view.apply(&e);
+                        if let Change::Lease(p) = change {
                             self.check_lost(p);
                         }
+                        let was = settled;
                         settled |= e.delta == 0 || e.seen_current || Instant::now() >= settle_by;
-                        if settled {
+                        if settled && (change != Change::Nothing || !was) {
                             self.rebalance().await;
                             self.ready.store(true, Relaxed);
+                            self.publish();
                         }
-                        self.publish();
                     }
                     _ => {
                         tracing::warn!("the {BUCKET} watcher ended; watching again");

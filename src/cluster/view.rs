@@ -48,6 +48,17 @@ pub struct Lease {
     pub revision: u64,
 }
 
+/// What a watcher entry changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A heartbeat or a renewal: same members, same holders.
+    Nothing,
+    /// A member came or went.
+    Members,
+    /// Partition `p`'s lease changed hands (claimed, handed back, expired).
+    Lease(u16),
+}
+
 /// The group, from the watcher.
 #[derive(Debug, Clone, Default)]
 pub struct View {
@@ -59,9 +70,11 @@ pub struct View {
 }
 
 impl View {
-    /// Applies one watcher entry; `Some(p)` when it changed partition `p`'s lease.
-    pub fn apply(&mut self, e: &Entry) -> Option<u16> {
+    /// Applies one watcher entry, and says what it changed: heartbeats and renewals change
+    /// nothing the plan depends on.
+    pub fn apply(&mut self, e: &Entry) -> Change {
         if let Some(name) = e.key.strip_prefix(MEMBERS) {
+            let known = self.members.contains_key(name);
             match e.operation {
                 Operation::Put => match serde_json::from_slice::<MemberInfo>(&e.value) {
                     Ok(info) => {
@@ -75,9 +88,20 @@ impl View {
                     self.members.remove(name);
                 }
             }
-            return None;
+            return if known == self.members.contains_key(name) {
+                Change::Nothing
+            } else {
+                Change::Members
+            };
         }
-        let p: u16 = e.key.strip_prefix(LEASES)?.parse().ok()?;
+        let Some(p) = e
+            .key
+            .strip_prefix(LEASES)
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            return Change::Nothing;
+        };
+        let before = self.leases.get(&p).map(|l| l.holder.clone());
         match e.operation {
             Operation::Put => match serde_json::from_slice::<Holder>(&e.value) {
                 Ok(holder) => {
@@ -99,7 +123,11 @@ impl View {
                 self.ended_cleanly.insert(p, op == Operation::Delete);
             }
         }
-        Some(p)
+        if before.as_ref() == self.leases.get(&p).map(|l| &l.holder) {
+            Change::Nothing
+        } else {
+            Change::Lease(p)
+        }
     }
 
     /// Partitions below `partitions` with no lease.
@@ -202,5 +230,61 @@ impl Status {
             members,
             assignment,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value: &str, revision: u64, operation: Operation) -> Entry {
+        Entry {
+            bucket: "WEIR_CLUSTER".into(),
+            key: key.into(),
+            value: value.as_bytes().to_vec().into(),
+            revision,
+            delta: 0,
+            created: time::OffsetDateTime::UNIX_EPOCH,
+            operation,
+            seen_current: true,
+        }
+    }
+
+    #[test]
+    fn renewals_and_heartbeats_change_nothing_the_plan_reads() {
+        let mut v = View::default();
+        let holder = r#"{"member":"a","incarnation":"1"}"#;
+        let member = r#"{"name":"a","incarnation":"1","http":"h","joined_ms":0}"#;
+        assert_eq!(
+            v.apply(&entry("members.a", member, 1, Operation::Put)),
+            Change::Members
+        );
+        assert_eq!(
+            v.apply(&entry("members.a", member, 2, Operation::Put)),
+            Change::Nothing
+        );
+        let lease = |rev, op| entry("partitions.3", holder, rev, op);
+        assert_eq!(v.apply(&lease(3, Operation::Put)), Change::Lease(3));
+        assert_eq!(v.apply(&lease(4, Operation::Put)), Change::Nothing);
+        assert_eq!(v.leases[&3].revision, 4);
+        assert_eq!(v.owner_of(3).as_deref(), Some("member a at h"));
+        assert!(!v.free(4).contains(&3));
+
+        // Aged out (a marker): free, and not handed over cleanly.
+        assert_eq!(v.apply(&lease(5, Operation::Purge)), Change::Lease(3));
+        assert_eq!(v.ended_cleanly.get(&3), Some(&false));
+        assert!(v.free(4).contains(&3));
+        v.apply(&lease(6, Operation::Put));
+        assert_eq!(v.apply(&lease(7, Operation::Delete)), Change::Lease(3));
+        assert_eq!(v.ended_cleanly.get(&3), Some(&true));
+
+        assert_eq!(
+            v.apply(&entry("members.a", "", 8, Operation::Purge)),
+            Change::Members
+        );
+        assert_eq!(
+            v.apply(&entry("partitions.x", holder, 9, Operation::Put)),
+            Change::Nothing
+        );
     }
 }

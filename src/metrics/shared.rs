@@ -231,25 +231,32 @@ pub(super) fn register_observables(meter: &Meter, shared: &Arc<Shared>) {
         .with_description("Jobs dead-lettered, by reason")
         .with_callback(move |o: &dyn AsyncInstrument<u64>| s.dead(|v, a| o.observe(v, a)))
         .build();
-    let s = shared.clone();
-    meter
-        .u64_observable_counter("weir.decisions.throttled")
-        .with_unit("{decision}")
-        .with_description("Release decisions that had to wait for the key's limit")
-        .with_callback(move |o: &dyn AsyncInstrument<u64>| {
-            s.by_partition(|p| &p.throttled, |v, a| o.observe(v, a))
-        })
-        .build();
-    let s = shared.clone();
-    meter
-        .u64_observable_counter("weir.jobs.duplicates")
-        .with_unit("{job}")
-        .with_description("Releases JetStream dropped as duplicates: a job released again after a crash or hand-over, absorbed by WEIR_RELEASED's duplicate window")
-        .with_callback(move |o: &dyn AsyncInstrument<u64>| {
-            s.by_partition(|p| &p.duplicates, |v, a| o.observe(v, a))
-        })
-        .build();
     type PartField = fn(&PartitionCells) -> &AtomicU64;
+    let counters: [(&'static str, &'static str, &'static str, PartField); 2] = [
+        (
+            "weir.decisions.throttled",
+            "{decision}",
+            "Release decisions that had to wait for the key's limit",
+            |p| &p.throttled,
+        ),
+        (
+            "weir.jobs.duplicates",
+            "{job}",
+            "Releases JetStream dropped as duplicates: a job released again after a crash or hand-over, absorbed by WEIR_RELEASED's duplicate window",
+            |p| &p.duplicates,
+        ),
+    ];
+    for (name, unit, help, field) in counters {
+        let s = shared.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(help)
+            .with_callback(move |o: &dyn AsyncInstrument<u64>| {
+                s.by_partition(field, |v, a| o.observe(v, a))
+            })
+            .build();
+    }
     let gauges: [(&'static str, &'static str, &'static str, PartField); 3] = [
         (
             "weir.backlog.held",
