@@ -75,7 +75,16 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let js = context(&client, config.partitions, config.publish_window as usize);
     let topo = streams::ensure(&js, &config).await?;
+    // Bound first: a taken port fails the start before anything is spawned or joined.
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.http_addr,
+            source,
+        })?;
     let cancel = CancellationToken::new();
+    // A start that fails half-way stops what it has spawned (and leaves the group).
+    let _stop_on_error = cancel.clone().drop_guard();
     let tracker = TaskTracker::new();
     let metrics = Metrics::install("weir")?;
     let traces = Tracing::install("weir")?;
@@ -94,6 +103,13 @@ pub async fn run(
         )
         .await;
 
+    let triage = streams::consumer(
+        &topo.jobs,
+        streams::TRIAGE_CONSUMER,
+        streams::triage_filters(),
+        &config,
+    )
+    .await?;
     let stats: Vec<Arc<PartitionStats>> = (0..config.partitions).map(|_| Arc::default()).collect();
     // The group's bucket first: the caps' starting share depends on how many members there are.
     let group_kv = match config.owned_partitions {
@@ -134,22 +150,7 @@ pub async fn run(
         },
         stats,
     );
-    let (view, ready, lease) = match (&config.owned_partitions, group_kv) {
-        (Some(owned), _) => {
-            for &p in owned {
-                // The previous run of a static split is over: its unacked jobs come back now.
-                shards.start(p, true);
-            }
-            (None, Arc::new(AtomicBool::new(true)), Duration::ZERO)
-        }
-        (None, Some((kv, lease))) => {
-            let group = Group::join(kv, lease, &config, shards.clone()).await?;
-            let (view, ready) = (group.view(), group.ready());
-            tracker.spawn(group.run(cancel.clone()));
-            (Some(view), ready, lease)
-        }
-        (None, None) => unreachable!("the bucket is opened for the group"),
-    };
+    let (view, ready, lease) = own(&config, &shards, group_kv, &tracker, &cancel).await?;
     let owner_of: Option<inspect::OwnerOf> = view.clone().map(|v| {
         let f: inspect::OwnerOf = Arc::new(move |p| v.borrow().owner_of(p));
         f
@@ -177,12 +178,6 @@ pub async fn run(
         limits: store.clone(),
         admin_token: config.admin_token.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .map_err(|source| RunError::Listen {
-            addr: config.http_addr,
-            source,
-        })?;
     let http_cancel = cancel.clone();
     let http_metrics = metrics.clone();
     tracker.spawn(async move {
@@ -194,13 +189,6 @@ pub async fn run(
         }
     });
 
-    let triage = streams::consumer(
-        &topo.jobs,
-        streams::TRIAGE_CONSUMER,
-        streams::triage_filters(),
-        &config,
-    )
-    .await?;
     tracker.spawn(dead::triage(
         js.clone(),
         triage,
@@ -227,4 +215,38 @@ pub async fn run(
         tracing::warn!(error = %e, "draining the NATS connection failed");
     }
     Ok(())
+}
+
+/// Takes this process's partitions: the static list, or a share from the group. Returns the
+/// group's view (none when static), the readiness flag and the lease time.
+async fn own(
+    config: &Config,
+    shards: &Shards,
+    group_kv: Option<(async_nats::jetstream::kv::Store, Duration)>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<
+    (
+        Option<tokio::sync::watch::Receiver<Arc<cluster::view::View>>>,
+        Arc<AtomicBool>,
+        Duration,
+    ),
+    RunError,
+> {
+    match (&config.owned_partitions, group_kv) {
+        (Some(owned), _) => {
+            for &p in owned {
+                // The previous run of a static split is over: its unacked jobs come back now.
+                shards.start(p, true);
+            }
+            Ok((None, Arc::new(AtomicBool::new(true)), Duration::ZERO))
+        }
+        (None, Some((kv, lease))) => {
+            let group = Group::join(kv, lease, config, shards.clone()).await?;
+            let (view, ready) = (group.view(), group.ready());
+            tracker.spawn(group.run(cancel.clone()));
+            Ok((Some(view), ready, lease))
+        }
+        (None, None) => unreachable!("the bucket is opened for the group"),
+    }
 }
