@@ -135,7 +135,9 @@ impl Group {
                             self.check_lost(p);
                         }
                         let was = settled;
-                        settled |= e.delta == 0 || e.seen_current || Instant::now() >= settle_by;
+                        // `seen_current` is not used: it is set from the consumer's info at creation, which
+                        // can say "nothing pending" before the snapshot has been delivered.
+                        settled |= e.delta == 0 || Instant::now() >= settle_by;
                         if settled && (change != Change::Nothing || !was) {
                             self.rebalance().await;
                             self.ready.store(true, Relaxed);

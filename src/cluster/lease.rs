@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
+use bytes::Bytes;
 use tokio::time::{timeout, Instant};
 
 use super::{assign, Group, Held};
@@ -70,12 +71,16 @@ impl Group {
 
     /// A lease we hold now names someone else (should not happen while we renew in time).
     pub(super) fn check_lost(&mut self, p: u16) {
+        // An entry older than our own claim or renewal is the view catching up, not a loss.
+        let Some(h) = self.held.get(&p).filter(|h| !h.stopping) else {
+            return;
+        };
         let theirs = self
             .view
             .leases
             .get(&p)
-            .is_some_and(|l| l.holder != self.me);
-        if theirs && self.held.get(&p).is_some_and(|h| !h.stopping) {
+            .is_some_and(|l| l.holder != self.me && l.revision > h.revision);
+        if theirs {
             tracing::warn!(
                 partition = p,
                 "another member holds this partition's lease; stopping it"
@@ -132,26 +137,70 @@ impl Group {
             self.fence(p);
         }
         for p in plan.claim {
-            let sent = Instant::now();
-            let create = self.kv.create(Self::lease_key(p), self.holder_value());
-            match timeout(self.lease / 6, create).await {
-                Ok(Ok(revision)) => {
-                    // Not after a clean hand-over (see `recover::redeliver_now`).
-                    let reset = !self.view.ended_cleanly.get(&p).copied().unwrap_or(false);
-                    self.held.insert(
-                        p,
-                        Held {
-                            revision,
-                            renewed: sent,
-                            stopping: false,
-                        },
-                    );
-                    self.shards.start(p, reset);
-                }
-                Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => {}
-                Ok(Err(e)) => tracing::debug!(partition = p, error = %e, "claiming failed"),
-                Err(_) => tracing::debug!(partition = p, "claiming timed out"),
+            let value = self.holder_value();
+            if let Some((revision, sent, reset)) =
+                Self::claim(&self.kv, p, value, self.lease / 6).await
+            {
+                self.held.insert(
+                    p,
+                    Held {
+                        revision,
+                        renewed: sent,
+                        stopping: false,
+                    },
+                );
+                self.shards.start(p, reset);
             }
+        }
+    }
+
+    /// Claims partition `p` if its lease is free: `(revision, when the write was sent, reset)`.
+    /// The claim is a compare-and-set on the entry read just before, so the claimer knows how
+    /// the last lease ended, whatever its (possibly lagging) view says: deleted by its holder
+    /// (a clean hand-over: no consumer reset, see `recover::redeliver_now`), aged out (the
+    /// holder died: reset), or gone entirely (long ago, or never held: reset, harmless).
+    async fn claim(
+        kv: &kv::Store,
+        p: u16,
+        value: Bytes,
+        limit: Duration,
+    ) -> Option<(u64, Instant, bool)> {
+        let key = Self::lease_key(p);
+        let current = match timeout(limit, kv.entry(&key)).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                tracing::debug!(partition = p, error = %e, "reading a lease failed");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        let sent = Instant::now();
+        let (written, reset) = match current {
+            // Held: the view had not caught up yet.
+            Some(e) if e.operation == Operation::Put => return None,
+            Some(e) => {
+                let update = kv.update(&key, value, e.revision);
+                let r = timeout(limit, update)
+                    .await
+                    .map(|r| r.map_err(|e| e.to_string()));
+                (r, e.operation == Operation::Purge)
+            }
+            None => {
+                let create = kv.create(&key, value);
+                let r = timeout(limit, create)
+                    .await
+                    .map(|r| r.map_err(|e| e.to_string()));
+                (r, true)
+            }
+        };
+        match written {
+            Ok(Ok(revision)) => Some((revision, sent, reset)),
+            // Someone else claimed it first, or NATS failed: the next plan looks again.
+            Ok(Err(e)) => {
+                tracing::debug!(partition = p, error = %e, "claiming failed");
+                None
+            }
+            Err(_) => None,
         }
     }
 }

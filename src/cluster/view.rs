@@ -1,5 +1,5 @@
 //! The group as one member sees it, built from the `WEIR_CLUSTER` bucket's watcher: who is a
-//! member, who holds each partition's lease, and how each free partition's last lease ended.
+//! member and who holds each partition's lease.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -64,9 +64,6 @@ pub enum Change {
 pub struct View {
     pub members: BTreeMap<String, MemberInfo>,
     pub leases: BTreeMap<u16, Lease>,
-    /// For partitions without a lease: `true` if the last one was deleted by its holder (a clean
-    /// hand-over), `false` if it expired (the holder died or lost NATS).
-    pub ended_cleanly: BTreeMap<u16, bool>,
 }
 
 impl View {
@@ -105,7 +102,6 @@ impl View {
         match e.operation {
             Operation::Put => match serde_json::from_slice::<Holder>(&e.value) {
                 Ok(holder) => {
-                    self.ended_cleanly.remove(&p);
                     self.leases.insert(
                         p,
                         Lease {
@@ -118,9 +114,8 @@ impl View {
                     tracing::warn!(key = e.key, error = %err, "ignoring a malformed lease entry")
                 }
             },
-            op => {
+            Operation::Delete | Operation::Purge => {
                 self.leases.remove(&p);
-                self.ended_cleanly.insert(p, op == Operation::Delete);
             }
         }
         if before.as_ref() == self.leases.get(&p).map(|l| &l.holder) {
@@ -272,11 +267,9 @@ mod tests {
 
         // Aged out (a marker): free, and not handed over cleanly.
         assert_eq!(v.apply(&lease(5, Operation::Purge)), Change::Lease(3));
-        assert_eq!(v.ended_cleanly.get(&3), Some(&false));
         assert!(v.free(4).contains(&3));
         v.apply(&lease(6, Operation::Put));
         assert_eq!(v.apply(&lease(7, Operation::Delete)), Change::Lease(3));
-        assert_eq!(v.ended_cleanly.get(&3), Some(&true));
 
         assert_eq!(
             v.apply(&entry("members.a", "", 8, Operation::Purge)),
