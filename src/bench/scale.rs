@@ -223,6 +223,9 @@ pub async fn run(a: &BenchArgs) -> Result<(), BoxError> {
             runs[i].push(d);
         }
     }
+    if a.runs == 0 {
+        return handover(a).await;
+    }
     println!(
         "(9) scale-out: {} jobs over {} keys, {} partitions, preloaded with the consumers paused; medians of {} runs",
         a.jobs, a.keys, a.partitions, a.runs
