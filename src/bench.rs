@@ -10,6 +10,10 @@
 //! 5. A cold key's added latency while a hot key holds a `--hot-backlog` job backlog on the
 //!    same partition.
 //! 6. Resident memory per tracked key, with `--memory-keys` keys holding limiter state.
+//! 7. (`limits`) A limit write's time to effect; 8. (`caps`) a destination cap over two processes.
+//! 9. and 10. (`scale`, not run by default: it takes minutes) throughput with 1, 2 and 3 `weir
+//!    run` processes in a group, and the time a hand-over takes on `kill -9` and on SIGTERM
+//!    ([`scale`]).
 //!
 //! Each NATS measure gets a fresh local nats-server (or, with `--nats-url`, fresh streams).
 
@@ -25,6 +29,7 @@ use crate::natsd::LocalNats;
 
 mod limits;
 mod raw;
+mod scale;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -58,7 +63,15 @@ pub struct BenchArgs {
     /// Samples of the time from a limit write to its effect.
     #[arg(long, default_value_t = 200)]
     pub apply_samples: usize,
-    /// Which measures to run, comma-separated: throughput, rate, latency, memory, limits, caps.
+    /// Lease time (`lease_ms`) of the group in the hand-over samples of `scale`: a `kill -9`
+    /// hand-over waits it out, so it is shorter than Weir's default 6000.
+    #[arg(long, default_value_t = 2000)]
+    pub lease_ms: u64,
+    /// Hand-over samples of `scale`, of each kind (kill -9, SIGTERM).
+    #[arg(long, default_value_t = 10)]
+    pub handover_runs: usize,
+    /// Which measures to run, comma-separated: throughput, rate, latency, memory, limits, caps,
+    /// and scale (not in the default: it runs for several minutes).
     #[arg(long, default_value = "throughput,rate,latency,memory,limits,caps")]
     pub only: String,
 }
@@ -87,6 +100,9 @@ pub async fn main(a: BenchArgs) -> Result<(), BoxError> {
     }
     if want("caps") {
         limits::cap_lending(10).await?;
+    }
+    if want("scale") {
+        scale::run(&a).await?;
     }
     Ok(())
 }

@@ -69,6 +69,12 @@ impl LocalNats {
         self.store.path()
     }
 
+    /// The server's process id while it runs (the benchmark reads its CPU time from `/proc`).
+    /// A wrapper that `exec`s the server (a pyenv shim) keeps the id; one that forks does not.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `kill -9` of the server: nothing is flushed or closed.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
