@@ -6,9 +6,10 @@
 //!
 //! - `members.<name>`: each process's heartbeat (its name, incarnation, admin address and
 //!   backlog), written every `lease / 6`. A process whose entry is gone is not a member.
-//! - `partitions.<p>`: the lease of partition `p`, naming its holder. Claimed with
-//!   create-if-absent, renewed every `lease / 6` with compare-and-set on its revision, handed
-//!   back by deleting it (again compare-and-set). Unrenewed, it ages out after `lease`.
+//! - `partitions.<p>`: the lease of partition `p`, naming its holder. Claimed by
+//!   compare-and-set on the entry just read (a delete or age-out marker, or nothing), renewed
+//!   every `lease / 6` with compare-and-set on its revision, handed back by deleting it (again
+//!   compare-and-set). Unrenewed, it ages out after `lease`.
 //!
 //! Each member computes the same balanced quotas from the member list ([`assign`]) and claims
 //! free partitions or hands back extra ones; the compare-and-set makes every claim exclusive.
