@@ -12,8 +12,6 @@ use common::*;
 use serde_json::Value;
 
 const RELEASED: &str = "WEIR_RELEASED";
-const JOBS: &str = "WEIR_JOBS";
-const PARK: &str = "WEIR_PARK";
 const PARTITIONS: u16 = 16;
 const KEYS: usize = 48;
 const RATE: u64 = 10;
@@ -193,7 +191,7 @@ async fn partitions_move_on_kill_join_and_sigterm_without_loss() {
     moved(&owned, &after, &mut moves);
 
     // Everything released exactly once, each key in order.
-    wait_all_released(&env, total, Duration::from_secs(60)).await;
+    env.wait_all_released(total, Duration::from_secs(60)).await;
     let stored = env.read_stream(RELEASED).await;
     let got = by_key(stored.iter().map(|s| &s.payload));
     let want: BTreeMap<String, usize> =
@@ -228,23 +226,6 @@ async fn partitions_move_on_kill_join_and_sigterm_without_loss() {
         );
     }
     let _ = (a.kill9().await, d, e);
-}
-
-/// Waits until WEIR_RELEASED holds `total` jobs and nothing is left to release.
-async fn wait_all_released(env: &Env, total: u64, timeout: Duration) {
-    eventually("every job released", timeout, || async {
-        let released = env.stream_len(RELEASED).await;
-        let jobs = env.stream_len(JOBS).await;
-        let park = env.stream_len(PARK).await;
-        if released >= total && jobs == 0 && park == 0 {
-            Ok(())
-        } else {
-            Err(format!(
-                "released {released}/{total}, WEIR_JOBS {jobs}, WEIR_PARK {park}"
-            ))
-        }
-    })
-    .await;
 }
 
 /// Two processes started at once under the default (host) name collide: the second one sees
@@ -300,7 +281,7 @@ async fn a_restart_under_the_same_name_takes_over_at_once() {
         took < Duration::from_secs(5),
         "took {took:?}: the leases were waited out"
     );
-    wait_all_released(&env, total, Duration::from_secs(30)).await;
+    env.wait_all_released(total, Duration::from_secs(30)).await;
     let stored = env.read_stream(RELEASED).await;
     let got = by_key(stored.iter().map(|s| &s.payload));
     let want: BTreeMap<String, usize> = (0..8).map(|k| (format!("k{k}"), 40)).collect();

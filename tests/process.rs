@@ -54,25 +54,6 @@ async fn assert_released_exactly_once(env: &Env, want: &BTreeMap<String, usize>)
     assert_fifo_complete(&by_key(stored.iter().map(|m| &m.payload)), want);
 }
 
-/// Waits until every job is released and nothing is left waiting anywhere.
-async fn wait_all_released(env: &Env, total: u64, timeout: Duration) {
-    eventually("every job released, queues empty", timeout, || async {
-        let (rel, jobs, park) = (
-            env.stream_len(RELEASED).await,
-            env.stream_len(JOBS).await,
-            env.stream_len(PARK).await,
-        );
-        if rel >= total && jobs == 0 && park == 0 {
-            Ok(())
-        } else {
-            Err(format!(
-                "released {rel}/{total}, WEIR_JOBS {jobs}, WEIR_PARK {park}"
-            ))
-        }
-    })
-    .await
-}
-
 /// Jobs of a key in the released stream so far (by the `Weir-Key` header would need a read;
 /// subject counts are cheap).
 async fn released_of(env: &Env, dest: &str, key: &str) -> u64 {
@@ -145,7 +126,7 @@ async fn kill_9_scenario(
     );
 
     let _weir = Proc::start(&env.url(), toml).await;
-    wait_all_released(&env, total, Duration::from_secs(30)).await;
+    env.wait_all_released(total, Duration::from_secs(30)).await;
     eprintln!(
         "re-releases after the restart, dropped by the duplicate window: {}",
         seen.len() as u64 - total
@@ -227,7 +208,7 @@ burst = 1
     eprintln!("SIGTERM: exit 0 after {took:?} with {released}/360 released");
 
     let _weir = Proc::start(&env.url(), toml).await;
-    wait_all_released(&env, 360, Duration::from_secs(25)).await;
+    env.wait_all_released(360, Duration::from_secs(25)).await;
     assert_released_exactly_once(&env, &want).await;
 }
 
@@ -279,7 +260,7 @@ burst = 5
     eprintln!("SIGTERM: exit 0 after {took:?} with {released}/300 released");
 
     let _weir = Proc::start(&env.url(), toml).await;
-    wait_all_released(&env, 300, Duration::from_secs(25)).await;
+    env.wait_all_released(300, Duration::from_secs(25)).await;
     assert_released_exactly_once(&env, &want).await;
 }
 

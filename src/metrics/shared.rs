@@ -232,61 +232,63 @@ pub(super) fn register_observables(meter: &Meter, shared: &Arc<Shared>) {
         .with_callback(move |o: &dyn AsyncInstrument<u64>| s.dead(|v, a| o.observe(v, a)))
         .build();
     type PartField = fn(&PartitionCells) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, PartField); 2] = [
+    // Per-partition instruments: (name, is a counter (else a gauge), unit, help, cell).
+    let per_partition: [(&'static str, bool, &'static str, &'static str, PartField); 5] = [
         (
             "weir.decisions.throttled",
+            true,
             "{decision}",
             "Release decisions that had to wait for the key's limit",
             |p| &p.throttled,
         ),
         (
             "weir.jobs.duplicates",
+            true,
             "{job}",
             "Releases JetStream dropped as duplicates: a job released again after a crash or hand-over, absorbed by WEIR_RELEASED's duplicate window",
             |p| &p.duplicates,
         ),
-    ];
-    for (name, unit, help, field) in counters {
-        let s = shared.clone();
-        meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(help)
-            .with_callback(move |o: &dyn AsyncInstrument<u64>| {
-                s.by_partition(field, |v, a| o.observe(v, a))
-            })
-            .build();
-    }
-    let gauges: [(&'static str, &'static str, &'static str, PartField); 3] = [
         (
             "weir.backlog.held",
+            false,
             "{job}",
             "Jobs held in memory, waiting for release",
             |p| &p.held,
         ),
         (
             "weir.backlog.parked",
+            false,
             "{job}",
             "Jobs waiting in the durable park",
             |p| &p.parked,
         ),
         (
             "weir.consumer.lag",
+            false,
             "{message}",
             "Messages pending on the partition consumer",
             |p| &p.lag,
         ),
     ];
-    for (name, unit, help, field) in gauges {
+    for (name, counter, unit, help, field) in per_partition {
         let s = shared.clone();
-        meter
-            .u64_observable_gauge(name)
-            .with_unit(unit)
-            .with_description(help)
-            .with_callback(move |o: &dyn AsyncInstrument<u64>| {
-                s.by_partition(field, |v, a| o.observe(v, a))
-            })
-            .build();
+        let callback =
+            move |o: &dyn AsyncInstrument<u64>| s.by_partition(field, |v, a| o.observe(v, a));
+        if counter {
+            meter
+                .u64_observable_counter(name)
+                .with_unit(unit)
+                .with_description(help)
+                .with_callback(callback)
+                .build();
+        } else {
+            meter
+                .u64_observable_gauge(name)
+                .with_unit(unit)
+                .with_description(help)
+                .with_callback(callback)
+                .build();
+        }
     }
     let s = shared.clone();
     meter

@@ -141,6 +141,26 @@ impl Env {
         .await
     }
 
+    /// Waits until `WEIR_RELEASED` holds `total` jobs and nothing is left waiting in
+    /// `WEIR_JOBS` or the park.
+    pub async fn wait_all_released(&self, total: u64, timeout: Duration) {
+        eventually("every job released, queues empty", timeout, || async {
+            let (rel, jobs, park) = (
+                self.stream_len("WEIR_RELEASED").await,
+                self.stream_len("WEIR_JOBS").await,
+                self.stream_len("WEIR_PARK").await,
+            );
+            if rel >= total && jobs == 0 && park == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "released {rel}/{total}, WEIR_JOBS {jobs}, WEIR_PARK {park}"
+                ))
+            }
+        })
+        .await
+    }
+
     /// Every message stored in `name`, in stream order, read with an ordered consumer.
     pub async fn read_stream(&self, name: &str) -> Vec<Stored> {
         read_stream(&self.js, name, ">").await
