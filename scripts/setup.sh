@@ -62,4 +62,27 @@ fi
 export KUBECTL_BIN KUBERNETES_VALIDATE_BIN
 echo "setup: using kubectl at $KUBECTL_BIN, kubernetes-validate at $KUBERNETES_VALIDATE_BIN" >&2
 
+# libfaketime (Debian's faketime package) for tests/faults.rs, which steps a running Weir's
+# wall clock to show that rates read only the monotonic clock. Installed with apt when missing
+# and we may; an existing WEIR_LIBFAKETIME is honoured.
+if [ -z "${WEIR_LIBFAKETIME:-}" ]; then
+  for f in /usr/lib/*-linux-gnu/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1; do
+    [ -e "$f" ] && WEIR_LIBFAKETIME=$f && break
+  done
+fi
+if [ -z "${WEIR_LIBFAKETIME:-}" ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+  echo "setup: installing faketime (apt)" >&2
+  $SUDO apt-get install -y -q faketime >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q faketime >/dev/null 2>&1; } \
+    || echo "setup: could not install faketime; tests/faults.rs's clock test will say so" >&2
+  for f in /usr/lib/*-linux-gnu/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1; do
+    [ -e "$f" ] && WEIR_LIBFAKETIME=$f && break
+  done
+fi
+if [ -n "${WEIR_LIBFAKETIME:-}" ]; then
+  export WEIR_LIBFAKETIME
+  echo "setup: using libfaketime at $WEIR_LIBFAKETIME" >&2
+fi
+
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust 1.85+) is needed" >&2; exit 1; }

@@ -37,6 +37,7 @@
 //! | `weir.release.delay` (ms, enqueued to released) | `weir_release_delay_milliseconds_bucket`, `_sum`, `_count` | `messaging_system`, `messaging_destination_name`, `le` |
 //! | `weir.decisions.throttled` | `weir_decisions_throttled_total` | `messaging_system`, `weir_partition` |
 //! | `weir.jobs.duplicates` | `weir_jobs_duplicates_total` | `messaging_system`, `weir_partition` |
+//! | `weir.publish.refused` | `weir_publish_refused_total` | same |
 //! | `weir.backlog.held` | `weir_backlog_held` | `messaging_system`, `weir_partition` |
 //! | `weir.backlog.parked` | `weir_backlog_parked` | same |
 //! | `weir.consumer.lag` | `weir_consumer_lag` | same |

@@ -76,11 +76,14 @@ impl Routed for Job {
 enum Tag {
     Release {
         key: crate::scheduler::Key,
+        /// The job's sequence in `WEIR_JOBS`: a refused release fences its key on it.
+        src_seq: u64,
         park_seq: Option<u64>,
         acker: Option<Acker>,
     },
     Park {
         key: crate::scheduler::Key,
+        src_seq: u64,
         acker: Acker,
     },
     Dead {
@@ -148,6 +151,8 @@ pub struct Partition {
     actions: Vec<Action<Job>>,
     stats: Arc<PartitionStats>,
     closing: bool,
+    /// Set while JetStream refuses publishes: the partition neither publishes nor reads.
+    backoff: release::Backoff,
     client: async_nats::Client,
     /// How long a restart's fence waits for the previous run's unacked jobs: two `ack_wait`s.
     fence_for: Duration,
@@ -198,6 +203,7 @@ impl Partition {
             actions: Vec::with_capacity(64),
             stats,
             closing: false,
+            backoff: release::Backoff::default(),
             client: js.client(),
             fence_for: c.ack_wait * 2,
             commands,
@@ -263,6 +269,9 @@ impl Partition {
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
         let mut armed = None;
+        let hold = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(hold);
+        let mut hold_armed = None;
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
         let mut ticks = 0u64;
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -297,6 +306,13 @@ impl Partition {
                     }
                     armed = wake;
                 }
+                let holding = self.backoff.until();
+                if holding != hold_armed {
+                    if let Some(u) = holding {
+                        hold.as_mut().reset(u);
+                    }
+                    hold_armed = holding;
+                }
                 tokio::select! {
                     biased;
                     _ = &mut cancelled => break 'bind,
@@ -304,6 +320,7 @@ impl Partition {
                     Some((res, tag)) = self.pubs.next_ack(), if !self.pubs.is_empty() => self.on_published(res, tag).await,
                     Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op(done),
                     _ = &mut sleep, if armed.is_some() => { armed = None; self.sched.fire(now()); }
+                    _ = &mut hold, if hold_armed.is_some() => { hold_armed = None; self.backoff.expired(); }
                     _ = sweep.tick() => {
                         // Eviction checks every idle key: every 2 s is plenty.
                         ticks += 1;
@@ -324,7 +341,7 @@ impl Partition {
                             }
                         }
                     }
-                    m = messages.next(), if !self.pubs.is_full() => match m {
+                    m = messages.next(), if !self.pubs.is_full() && holding.is_none() => match m {
                         Some(Ok(m)) => self.on_message(m).await,
                         Some(Err(e)) => tracing::debug!(partition = self.id, error = %e, "consumer stream error"),
                         None => {
@@ -412,11 +429,12 @@ impl Partition {
         h.insert(header::SOURCE_SEQ, seq.to_string());
         let acker = job.acker.take().expect("fresh job");
         let subject = job::park_subject(self.id, &key);
-        if let Err((e, tag)) = self
-            .pubs
-            .publish(subject, h, job.payload, Tag::Park { key, acker })
-            .await
-        {
+        let tag = Tag::Park {
+            key,
+            src_seq: seq,
+            acker,
+        };
+        if let Err((e, tag)) = self.pubs.publish(subject, h, job.payload, tag).await {
             self.on_published(Err(e), tag).await;
         }
     }
@@ -444,6 +462,10 @@ impl Partition {
     }
 
     async fn run_actions(&mut self) {
+        // While JetStream refuses publishes, decisions wait in the scheduler (late, never early).
+        if self.backoff.until().is_some() && !self.closing {
+            return;
+        }
         self.sched.take_actions(&mut self.actions);
         let mut actions = std::mem::take(&mut self.actions);
         for a in actions.drain(..) {
@@ -483,6 +505,21 @@ impl Partition {
             park_seq,
             job,
         } = held;
+        // Decided before an older job of its key was refused: hand it back too, behind that one.
+        // Checked only for a while after a refusal, so the usual path pays nothing.
+        if self
+            .backoff
+            .refused_within(tokio::time::Instant::now(), self.fence_for)
+            && self.sched.behind_refused(&key, src_seq, park_seq)
+        {
+            if let Some(a) = job.acker {
+                let until = Nanos::new(now().as_u64() + self.fence_for.as_nanos() as u64);
+                self.sched.fence_one(&key, src_seq, until);
+                nak(a, Some(release::Backoff::FIRST)).await;
+            }
+            self.sched.release_done(&key, park_seq, false, now());
+            return;
+        }
         let mut h = job.headers.unwrap_or_default();
         let released_ms = release::unix_ms();
         let fresh_route = park_seq
@@ -512,6 +549,7 @@ impl Partition {
         release::stamp_released(&mut h, released_ms);
         let tag = Tag::Release {
             key,
+            src_seq,
             park_seq,
             acker: job.acker,
         };
@@ -528,22 +566,30 @@ impl Partition {
         >,
         tag: Tag,
     ) {
-        let ok = match &res {
+        // A refused publish: the job goes back to JetStream after the backoff's delay, never
+        // acked, and its key is fenced on it so nothing newer of the key overtakes it.
+        let retry = match &res {
             Ok(ack) => {
                 if ack.duplicate {
                     self.metrics.duplicate();
                 }
-                true
+                self.backoff.published(tokio::time::Instant::now(), self.id);
+                None
             }
             Err(e) => {
-                tracing::warn!(partition = self.id, error = %e, "publish failed; the job is handed back");
-                false
+                self.metrics.refused();
+                Some(
+                    self.backoff
+                        .refused(tokio::time::Instant::now(), self.id, e),
+                )
             }
         };
-        let retry = Some(Duration::from_secs(1));
+        let ok = retry.is_none();
+        let fence_until = || Nanos::new(now().as_u64() + self.fence_for.as_nanos() as u64);
         match tag {
             Tag::Release {
                 key,
+                src_seq,
                 park_seq,
                 acker,
             } => {
@@ -551,15 +597,21 @@ impl Partition {
                     if ok {
                         ack(a).await
                     } else {
+                        self.sched.fence_one(&key, src_seq, fence_until());
                         nak(a, retry).await
                     }
                 }
                 self.sched.release_done(&key, park_seq, ok, now());
             }
-            Tag::Park { key, acker } => {
+            Tag::Park {
+                key,
+                src_seq,
+                acker,
+            } => {
                 if ok {
                     ack(acker).await
                 } else {
+                    self.sched.fence_one(&key, src_seq, fence_until());
                     nak(acker, retry).await
                 }
                 self.sched.parked(&key, ok, now());

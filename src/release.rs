@@ -20,6 +20,9 @@ use bytes::Bytes;
 
 use crate::job::header;
 
+pub mod backoff;
+pub use backoff::Backoff;
+
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
 /// Publishes in flight, each with the tag that says what to do once it is acknowledged.

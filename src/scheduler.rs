@@ -440,6 +440,33 @@ impl<J: Routed> Scheduler<J> {
         b.fence_until = until.as_u64();
     }
 
+    /// One job of `key` went back to JetStream (its publish was refused): nothing newer of the
+    /// key leaves before it is delivered again, or until `until`.
+    pub fn fence_one(&mut self, key: &str, seq: u64, until: Nanos) {
+        let (_, st) = entry(&mut self.keys, &self.limits, self.horizon, key);
+        let b = st
+            .busy
+            .get_or_insert_with(|| new_busy(&self.limits.for_key(key), self.horizon));
+        if let Err(i) = b.fence.binary_search(&seq) {
+            b.fence.insert(i, seq);
+        }
+        b.fence_until = b.fence_until.max(until.as_u64());
+    }
+
+    /// Whether a job of `key` (fresh: `src_seq`; read back from the park: `park_seq`) was
+    /// decided before an older job of the key was refused and handed back: it must not overtake
+    /// that job, so the caller hands it back too.
+    pub fn behind_refused(&self, key: &str, src_seq: u64, park_seq: Option<u64>) -> bool {
+        let Some(b) = self.keys.get(key).and_then(|s| s.busy.as_deref()) else {
+            return false;
+        };
+        match park_seq {
+            None => b.fence.first().is_some_and(|&f| f < src_seq),
+            // A refused read-back moves the cursor back to it.
+            Some(ps) => b.cursor <= ps,
+        }
+    }
+
     /// Keys found in the park at start: their jobs are read back before newer ones leave.
     pub fn restore_parked(&mut self, key: &str, count: u64, now: Nanos) {
         let (k, st) = entry(&mut self.keys, &self.limits, self.horizon, key);

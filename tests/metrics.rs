@@ -8,28 +8,8 @@ use std::time::Duration;
 
 use async_nats::header::HeaderMap;
 use bytes::Bytes;
-use prometheus_parse::{Scrape, Value};
 
 use common::*;
-
-/// The sum over every sample of `name` (all label sets).
-fn total(s: &Scrape, name: &str) -> f64 {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == name)
-        .map(|x| match &x.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-            Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
-            _ => 0.0,
-        })
-        .sum()
-}
-
-async fn scrape(w: &InProc) -> Scrape {
-    let (code, body) = http_get(w.http, "/metrics").await.expect("GET /metrics");
-    assert_eq!(code, 200, "{body}");
-    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("a valid Prometheus exposition")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_move_when_jobs_flow() {
@@ -39,8 +19,8 @@ async fn metrics_parse_and_move_when_jobs_flow() {
         "partitions = 2\n[limits.default]\nrate = \"1000/s\"\nburst = 100\n",
     )
     .await;
-    let before = scrape(&weir).await;
-    assert_eq!(total(&before, "weir_jobs_released_total"), 0.0);
+    let before = scrape(weir.http).await;
+    assert_eq!(metric_total(&before, "weir_jobs_released_total"), 0.0);
 
     let collector = Collector::start(&env.client, "released.>").await;
     let mut jobs: Vec<Job> = (0..20)
@@ -71,21 +51,21 @@ async fn metrics_parse_and_move_when_jobs_flow() {
         .await;
 
     let after = eventually("the metrics to move", Duration::from_secs(10), || async {
-        let s = scrape(&weir).await;
-        let dead = total(&s, "weir_jobs_dead_total");
-        if total(&s, "weir_jobs_released_total") >= 21.0 && dead >= 1.0 {
+        let s = scrape(weir.http).await;
+        let dead = metric_total(&s, "weir_jobs_dead_total");
+        if metric_total(&s, "weir_jobs_released_total") >= 21.0 && dead >= 1.0 {
             Ok(s)
         } else {
             Err(format!(
                 "released {}, dead {dead}",
-                total(&s, "weir_jobs_released_total")
+                metric_total(&s, "weir_jobs_released_total")
             ))
         }
     })
     .await;
-    assert!(total(&after, "weir_jobs_received_total") >= 21.0);
+    assert!(metric_total(&after, "weir_jobs_received_total") >= 21.0);
     assert!(
-        total(&after, "weir_release_delay_milliseconds") >= 21.0,
+        metric_total(&after, "weir_release_delay_milliseconds") >= 21.0,
         "delay histogram"
     );
     let by_dest: Vec<_> = after

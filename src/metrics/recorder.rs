@@ -158,6 +158,12 @@ impl PartitionMetrics {
         self.cells.duplicates.fetch_add(1, Relaxed);
     }
 
+    /// JetStream refused a publish; the job was handed back unacked.
+    #[inline]
+    pub fn refused(&self) {
+        self.cells.refused.fetch_add(1, Relaxed);
+    }
+
     /// Jobs this partition holds in memory and has parked.
     #[inline]
     pub fn set_backlog(&self, held: u64, parked: u64) {

@@ -89,6 +89,9 @@ pub(super) struct PartitionCells {
     /// Release publishes JetStream acked as duplicates (a re-release after a crash or a
     /// hand-over, absorbed by the duplicate window).
     pub(super) duplicates: AtomicU64,
+    /// Publishes JetStream refused (stream full, no leader, ack timed out): each job went back
+    /// unacked and was retried after a backoff.
+    pub(super) refused: AtomicU64,
     /// Indexed by global destination index.
     pub(super) dests: Mutex<Vec<Option<Arc<DestCells>>>>,
     pub(super) dead: Mutex<Vec<Arc<DeadCell>>>,
@@ -124,6 +127,7 @@ impl Shared {
             lag: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             dests: Mutex::new(Vec::new()),
             dead: Mutex::new(Vec::new()),
         });
@@ -233,7 +237,7 @@ pub(super) fn register_observables(meter: &Meter, shared: &Arc<Shared>) {
         .build();
     type PartField = fn(&PartitionCells) -> &AtomicU64;
     // Per-partition instruments: (name, is a counter (else a gauge), unit, help, cell).
-    let per_partition: [(&'static str, bool, &'static str, &'static str, PartField); 5] = [
+    let per_partition: [(&'static str, bool, &'static str, &'static str, PartField); 6] = [
         (
             "weir.decisions.throttled",
             true,
@@ -247,6 +251,13 @@ pub(super) fn register_observables(meter: &Meter, shared: &Arc<Shared>) {
             "{job}",
             "Releases JetStream dropped as duplicates: a job released again after a crash or hand-over, absorbed by WEIR_RELEASED's duplicate window",
             |p| &p.duplicates,
+        ),
+        (
+            "weir.publish.refused",
+            true,
+            "{publish}",
+            "Publishes JetStream refused (stream at its limits, no leader, ack timeout): the job was handed back unacked and retried after a backoff",
+            |p| &p.refused,
         ),
         (
             "weir.backlog.held",

@@ -447,6 +447,28 @@ pub fn assert_gcra_bound(times_ms: &[u64], burst: u64, period_ms: u64, what: &st
     );
 }
 
+/// The sum over every sample of the Prometheus metric `name` (all label sets).
+pub fn metric_total(s: &prometheus_parse::Scrape, name: &str) -> f64 {
+    use prometheus_parse::Value;
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// `GET /metrics` from the admin address, parsed.
+pub async fn scrape(http: SocketAddr) -> prometheus_parse::Scrape {
+    let (code, body) = http_get(http, "/metrics").await.expect("GET /metrics");
+    assert_eq!(code, 200, "{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("a valid Prometheus exposition")
+}
+
 /// A minimal HTTP/1.1 GET: `(status, body)`.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let io = async {
@@ -614,6 +636,11 @@ pub fn weir_command(config: &std::path::Path, args: &[&str]) -> tokio::process::
 impl Proc {
     /// Starts `weir run` and waits until `/readyz` answers 200.
     pub async fn start(nats_url: &str, toml: &str) -> Proc {
+        Proc::start_with_env(nats_url, toml, &[]).await
+    }
+
+    /// [`Proc::start`] with extra environment variables.
+    pub async fn start_with_env(nats_url: &str, toml: &str, env: &[(&str, &str)]) -> Proc {
         for _attempt in 0..5 {
             let http = free_addr();
             let file = config_file(toml);
@@ -624,6 +651,7 @@ impl Proc {
                 args.extend(["--member", m]);
             }
             let child = weir_command(file.path(), &args)
+                .envs(env.iter().copied())
                 .spawn()
                 .expect("spawn weir");
             let mut p = Proc {
