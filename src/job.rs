@@ -26,6 +26,10 @@ pub mod header {
     /// the release's `Nats-Msg-Id`.
     pub const SOURCE_SEQ: &str = "Weir-Source-Seq";
     pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// The producer's own `Nats-Msg-Id`, kept when Weir sets the job's derived one: JetStream
+    /// deduplicates producers' ids only within `WEIR_JOBS`' duplicate window, so two stored jobs
+    /// may share one, and a release or dead letter carrying it could be dropped as a duplicate.
+    pub const PRODUCER_MSG_ID: &str = "Weir-Producer-Msg-Id";
 }
 
 pub const JOBS_STREAM: &str = "WEIR_JOBS";
@@ -192,11 +196,21 @@ pub fn parse_stored(subject: &str) -> Result<Route<'_>, DeadReason> {
     })
 }
 
-/// Why a subject left in its `jobs.` form (the transform did not match it) is invalid.
+/// Why a subject left in its `jobs.` form (the transform did not match it) is invalid: the
+/// count of tokens, or for `jobs.<destination>.<key>` with a wildcard token (the transform does
+/// not rewrite those), the token at fault.
 pub fn triage(subject: &str) -> DeadReason {
-    DeadReason::BadSubject {
-        tokens: count_tokens(subject),
+    let tokens = count_tokens(subject);
+    if let (3, Some(rest)) = (tokens, subject.strip_prefix("jobs.")) {
+        if let Some((dest, key)) = rest.split_once('.') {
+            for (which, t) in [("destination", dest), ("key", key)] {
+                if let Err(problem) = check_token(t) {
+                    return DeadReason::BadToken { which, problem };
+                }
+            }
+        }
     }
+    DeadReason::BadSubject { tokens }
 }
 
 fn count_tokens(s: &str) -> usize {
@@ -214,8 +228,9 @@ pub fn dead_subject(route: Option<(&str, &str)>) -> String {
     }
 }
 
-/// The `Nats-Msg-Id` of a release when the producer sent none: unique per source message, so a
-/// re-release after a crash is dropped by the duplicate window of `WEIR_RELEASED`.
+/// The `Nats-Msg-Id` of every release, park and dead letter: unique per source message, so a
+/// re-release after a crash is dropped by the duplicate window of `WEIR_RELEASED`, and two jobs
+/// never share one (a producer's id is moved to [`header::PRODUCER_MSG_ID`]).
 pub fn derived_msg_id(source_seq: u64) -> String {
     format!("{JOBS_STREAM}:{source_seq}")
 }

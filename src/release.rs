@@ -118,9 +118,11 @@ const KEY: HeaderName = HeaderName::from_static(header::KEY);
 const DESTINATION: HeaderName = HeaderName::from_static(header::DESTINATION);
 const ENQUEUED_AT: HeaderName = HeaderName::from_static(header::ENQUEUED_AT);
 const RELEASED_AT: HeaderName = HeaderName::from_static(header::RELEASED_AT);
+const PRODUCER_MSG_ID: HeaderName = HeaderName::from_static(header::PRODUCER_MSG_ID);
 
 /// Adds Weir's headers for a fresh job: the key, destination, enqueue time and message id.
-/// Producer headers are kept; a producer's own `Nats-Msg-Id` wins over the derived one.
+/// Producer headers are kept, except that the `Nats-Msg-Id` is always the derived one (unique
+/// per source job); a producer's own moves to `Weir-Producer-Msg-Id` ([`set_msg_id`]).
 pub fn stamp(
     headers: &mut HeaderMap,
     key: &str,
@@ -128,12 +130,29 @@ pub fn stamp(
     enqueued_ms: u64,
     msg_id: impl FnOnce() -> String,
 ) {
-    if headers.get(MSG_ID).is_none() {
-        headers.insert(MSG_ID, msg_id());
-    }
+    set_msg_id(headers, msg_id());
     headers.insert(KEY, key);
     headers.insert(DESTINATION, dest);
     headers.insert(ENQUEUED_AT, itoa(enqueued_ms));
+}
+
+/// Sets `Nats-Msg-Id` to `derived` (see [`crate::job::derived_msg_id`]). A producer's own id
+/// differs: it is moved to `Weir-Producer-Msg-Id`, never dropped silently and never used
+/// downstream for deduplication. JetStream drops a producer's reused id only within the
+/// `WEIR_JOBS` duplicate window; outside it two stored jobs can share an id, and a release,
+/// park or dead letter carrying it would be taken for a duplicate of the other and lost.
+/// Moving the value rather than copying it keeps the growth of the headers bounded (see
+/// [`crate::streams::HEADER_ROOM`]); if a producer sent several `Nats-Msg-Id` values, the first
+/// (the one JetStream deduplicated on) is kept.
+pub fn set_msg_id(headers: &mut HeaderMap, derived: String) {
+    if let Some(own) = headers.get(MSG_ID) {
+        if own.as_str() == derived {
+            return;
+        }
+        let own = own.clone();
+        headers.insert(PRODUCER_MSG_ID, own);
+    }
+    headers.insert(MSG_ID, derived);
 }
 
 /// Marks the moment of release.
@@ -150,17 +169,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn producer_msg_id_wins() {
+    fn producer_msg_id_is_kept_aside() {
         let mut h = HeaderMap::new();
         h.insert(header::MSG_ID, "mine");
         h.insert("X-Trace", "t1");
         stamp(&mut h, "acme", "sms", 42, || "derived".into());
-        assert_eq!(h.get(header::MSG_ID).unwrap().as_str(), "mine");
+        assert_eq!(h.get(header::MSG_ID).unwrap().as_str(), "derived");
+        assert_eq!(h.get(header::PRODUCER_MSG_ID).unwrap().as_str(), "mine");
+        // Stamped again (a parked job read back): nothing moves twice.
+        stamp(&mut h, "acme", "sms", 42, || "derived".into());
+        assert_eq!(h.get(header::PRODUCER_MSG_ID).unwrap().as_str(), "mine");
         assert_eq!(h.get("X-Trace").unwrap().as_str(), "t1");
         assert_eq!(h.get(header::ENQUEUED_AT).unwrap().as_str(), "42");
         let mut h = HeaderMap::new();
         stamp(&mut h, "acme", "sms", 42, || "derived".into());
         assert_eq!(h.get(header::MSG_ID).unwrap().as_str(), "derived");
+        assert!(h.get(header::PRODUCER_MSG_ID).is_none());
         assert_eq!(h.get(header::KEY).unwrap().as_str(), "acme");
     }
 }

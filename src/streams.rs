@@ -2,7 +2,8 @@
 //!
 //! An existing stream is used as it is if it fits; if it does not (say `WEIR_JOBS` was created
 //! with another partition count, which would re-map every key), start fails with an error saying
-//! what differs, rather than silently changing a stream other processes depend on.
+//! what differs, rather than silently changing a stream other processes depend on. The one
+//! exception is `WEIR_JOBS`' `max_msg_size`, which only ever tightens (see [`HEADER_ROOM`]).
 
 use std::time::Duration;
 
@@ -46,6 +47,24 @@ fn req<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
+/// Room left in every message of `WEIR_JOBS` for the headers Weir adds when it releases, parks
+/// or dead-letters a job, in bytes. A release is the job plus `Nats-Msg-Id` (derived, ≤ 45 B
+/// on the wire), `Weir-Producer-Msg-Id` (the producer's id moved, +9 B), `Weir-Key` and
+/// `Weir-Destination` (≤ 256 B values each), `Weir-Enqueued-At`, `Weir-Released-At` and
+/// `Weir-Source-Seq` (≤ 20 B values), a rewritten `traceparent` and `tracestate` (≤ 70 B more) and
+/// the header preamble when the producer sent none: under 900 B. A dead letter adds
+/// `Weir-Dead-Reason` (≤ 130 B) and `Weir-Subject` (cut to [`crate::dead::MAX_SUBJECT_HEADER`]):
+/// under 1,400 B. So `WEIR_JOBS` refuses, at publish, any job larger than the server's
+/// `max_payload` less this room: everything it accepts can be carried on. Without it a job near
+/// `max_payload` would be stored, then fail every release with "max payload exceeded" (not
+/// transient) and stay in `WEIR_JOBS`, blocking its key, forever.
+pub const HEADER_ROOM: usize = 2048;
+
+/// The `max_msg_size` of `WEIR_JOBS` for a server whose `max_payload` is `max_payload`.
+pub fn jobs_max_msg_size(max_payload: usize) -> i32 {
+    i32::try_from(max_payload.saturating_sub(HEADER_ROOM).max(1)).unwrap_or(i32::MAX)
+}
+
 /// Durable name of a partition's consumer.
 pub fn partition_consumer(p: u16) -> String {
     format!("weir-p{p}")
@@ -54,12 +73,15 @@ pub fn partition_consumer(p: u16) -> String {
 /// Durable name of the consumer that dead-letters subjects the partition transform did not match.
 pub const TRIAGE_CONSUMER: &str = "weir-triage";
 
-/// What the triage consumer sees: `jobs.` subjects of any length but 3 tokens (those are
-/// rewritten to `weir.in.…`). Not `jobs.>`: on a work-queue stream nats-server 2.15 then counts
-/// the triage consumer as interested in every job (the transform's source matches) and never
-/// deletes acked jobs.
+/// What the triage consumer sees: `jobs.` subjects that the partition transform did not rewrite
+/// to `weir.in.…`: those of any length but 3 tokens, and 3-token ones the transform skips (a
+/// producer may publish `jobs.sms.*` or `jobs.sms.>`: nats-server answers "Invalid Publish
+/// Subject" yet stores it, untransformed). Not `jobs.>`: on a work-queue stream nats-server 2.15
+/// then counts the triage consumer as interested in every job (the transform's source matches)
+/// and never deletes acked jobs; `jobs.*.*` does not have that effect (tests/hostile.rs checks
+/// that acked jobs still leave the stream).
 pub fn triage_filters() -> Vec<String> {
-    vec!["jobs.*".into(), "jobs.*.*.>".into()]
+    vec!["jobs.*".into(), "jobs.*.*".into(), "jobs.*.*.>".into()]
 }
 
 /// Handles on the streams Weir uses.
@@ -88,6 +110,12 @@ pub async fn ensure(js: &Context, c: &Config) -> Result<Topology, TopologyError>
         storage: StorageType::File,
         num_replicas: c.replicas,
         duplicate_window: Duration::from_secs(120),
+        // The client knows the server's max_payload once connected (ensure runs after a
+        // JetStream round trip); 0 would mean unknown: then no limit is set, as before.
+        max_message_size: match js.client().max_payload() {
+            0 => -1,
+            m => jobs_max_msg_size(m),
+        },
         ..Default::default()
     };
     let jobs = ensure_stream(js, jobs_cfg).await?;
@@ -163,6 +191,23 @@ async fn ensure_stream(js: &Context, want: StreamConfig) -> Result<Stream, Topol
                     fix: "update the stream with allow_direct = true",
                 });
             }
+            let limit = |m: i32| if m <= 0 { i32::MAX } else { m };
+            if want.max_message_size > 0 && limit(have.max_message_size) > want.max_message_size {
+                // Tightening only refuses new jobs that could not be released anyway.
+                tracing::info!(
+                    stream = name,
+                    from = have.max_message_size,
+                    to = want.max_message_size,
+                    "lowering max_msg_size to leave room for Weir's headers"
+                );
+                let cfg = StreamConfig {
+                    max_message_size: want.max_message_size,
+                    ..have
+                };
+                js.update_stream(cfg)
+                    .await
+                    .map_err(req(format!("update max_msg_size of {name}")))?;
+            }
             Ok(s)
         }
         Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
@@ -215,7 +260,19 @@ pub async fn consumer(
         max_ack_pending: i64::from(c.max_held_per_partition),
         ..Default::default()
     };
-    jobs.get_or_create_consumer(name, cfg)
+    let consumer: PullConsumer = jobs
+        .get_or_create_consumer(name, cfg.clone())
         .await
-        .map_err(req(format!("consumer {name}")))
+        .map_err(req(format!("consumer {name}")))?;
+    // A consumer made by an older Weir may have fewer filters (the triage's gained `jobs.*.*`):
+    // filters can be changed in place.
+    let have = &consumer.cached_info().config;
+    if have.filter_subject != cfg.filter_subject || have.filter_subjects != cfg.filter_subjects {
+        tracing::info!(consumer = name, "updating the consumer's filter subjects");
+        return jobs
+            .update_consumer(cfg)
+            .await
+            .map_err(req(format!("update consumer {name}")));
+    }
+    Ok(consumer)
 }

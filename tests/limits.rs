@@ -340,3 +340,112 @@ async fn an_idle_process_lends_its_share_of_a_cap() {
     );
     drop((a, b));
 }
+
+/// Limits written into the bucket by hand, bypassing validation: garbage JSON, negative, huge
+/// and non-numeric rates, bad bursts, a pattern on a key entry. Each reaches every process
+/// through the KV watcher, is refused (counted in `weir_limits_rejected_total`, logged with
+/// its reason), and the last good limit stays in force; a good value afterwards still applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_written_garbage_limits_are_refused_and_the_last_good_stays() {
+    let env = Env::start().await;
+    let weir = InProc::start(
+        &env,
+        "partitions = 2\n[limits.default]\nrate = \"200/s\"\nburst = 5\n",
+    )
+    .await;
+    let store = Store::get(&env.js).await.unwrap();
+    store
+        .put(&Entry::Key("held".into()), &limit("7/s", 3))
+        .await
+        .unwrap();
+    env.publish_all([Job::seq("sms", "held", 0)], 1).await;
+    let limit_of = |key: &'static str| async move {
+        let (code, body) = http_get(weir.http, &format!("/v1/keys/{key}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        match code {
+            200 => Ok(v["limit"].clone()),
+            _ => Err(format!("{code} {body}")),
+        }
+    };
+    let in_force = |key: &'static str, rate: &'static str| async move {
+        let l = limit_of(key).await?;
+        if l["rate"] == rate {
+            Ok(l)
+        } else {
+            Err(l.to_string())
+        }
+    };
+    eventually("keys.held at 7/s", Duration::from_secs(10), || {
+        in_force("held", "7/s")
+    })
+    .await;
+
+    let kv = env.js.get_key_value(BUCKET).await.unwrap();
+    let garbage: [(&str, &[u8]); 9] = [
+        ("keys.held", b"{not json"),
+        ("keys.held", br#"{"rate": "-1/s"}"#),
+        ("keys.held", br#"{"rate": "1e99/s"}"#),
+        ("keys.held", br#"{"rate": "NaN/s"}"#),
+        ("keys.held", br#"{"rate": "5/s", "burst": -3}"#),
+        (
+            "keys.held",
+            br#"{"rate": "5/s", "burst": 99999999999999999999}"#,
+        ),
+        ("keys.held", br#"{"rate": "5/s", "pattern": "h*"}"#),
+        ("default", b"\xff\xfe garbage"),
+        ("keys.a=ZZ", br#"{"rate": "5/s"}"#),
+    ];
+    for (k, v) in garbage {
+        kv.put(k, Bytes::copy_from_slice(v)).await.unwrap();
+    }
+    eventually(
+        "every garbage value refused",
+        Duration::from_secs(10),
+        || async {
+            let (_, m) = http_get(weir.http, "/metrics")
+                .await
+                .map_err(|e| e.to_string())?;
+            let n = m
+                .lines()
+                .find(|l| l.starts_with("weir_limits_rejected_total"))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            if n >= garbage.len() as u64 {
+                Ok(())
+            } else {
+                Err(format!("{n} refused"))
+            }
+        },
+    )
+    .await;
+    let l = limit_of("held").await.unwrap();
+    assert_eq!(
+        (&l["rate"], &l["burst"], &l["source"]),
+        (&"7/s".into(), &3.into(), &"key".into())
+    );
+    // The default is still the config file's.
+    env.publish_all([Job::seq("sms", "other", 0)], 1).await;
+    let d = eventually("key other visible", Duration::from_secs(10), || {
+        limit_of("other")
+    })
+    .await;
+    assert_eq!(
+        (&d["rate"], &d["source"]),
+        (&"200/s".into(), &"default".into())
+    );
+
+    // The watcher survived: a good value still applies.
+    kv.put(
+        "keys.held",
+        Bytes::from_static(br#"{"rate": "9/s", "burst": 2}"#),
+    )
+    .await
+    .unwrap();
+    eventually("keys.held at 9/s", Duration::from_secs(10), || {
+        in_force("held", "9/s")
+    })
+    .await;
+}

@@ -36,7 +36,8 @@ burst = 200
     .await;
     let collector = Collector::start(&env.client, "released.>").await;
 
-    // 40 jobs over 4 keys and 2 destinations; every other job carries its own Nats-Msg-Id;
+    // 40 jobs over 4 keys and 2 destinations; every other job carries its own Nats-Msg-Id (kept as
+    // Weir-Producer-Msg-Id);
     // payloads are binary (all byte values), one is empty; each carries a trace header, and a
     // multi-valued header, to be kept as sent.
     let mut jobs = Vec::new();
@@ -97,12 +98,15 @@ burst = 200
         assert_eq!(m.payload, job.payload, "job {i}: payload byte-identical");
         let multi: Vec<&str> = m.headers.get_all("X-Multi").map(|v| v.as_str()).collect();
         assert_eq!(multi, ["one", "two"], "job {i}: multi-valued header kept");
-        let want_id = if i % 2 == 0 {
-            format!("producer-{i}")
-        } else {
-            format!("WEIR_JOBS:{seq}")
-        };
+        // Always the derived id; a producer's own is kept aside, not used downstream.
+        let want_id = format!("WEIR_JOBS:{seq}");
         assert_eq!(m.header("Nats-Msg-Id"), Some(want_id.as_str()), "job {i}");
+        let producer_id = (i % 2 == 0).then(|| format!("producer-{i}"));
+        assert_eq!(
+            m.header("Weir-Producer-Msg-Id"),
+            producer_id.as_deref(),
+            "job {i}"
+        );
         assert_eq!(m.header("Weir-Key"), Some(key.as_str()), "job {i}");
         assert_eq!(m.header("Weir-Destination"), Some(*dest), "job {i}");
         let enq: u64 = m
