@@ -81,20 +81,21 @@ pub async fn connect_with(url: &str, nats: &NatsSettings) -> Result<async_nats::
                 K::Authentication | K::AuthorizationViolation => {
                     "check nats.creds_file, nats.nkey_file or nats.user and WEIR_NATS_PASSWORD against the server's users"
                 }
-                K::Tls => {
-                    "check nats.tls_ca_file (the CA that signed the server's certificate), the URL's host name (it must be in the certificate), and nats.tls_cert_file/tls_key_file if the server verifies clients"
-                }
-                // A server that requires a client certificate closes the connection after the
-                // handshake: with TLS configured, a closed connection is most likely that.
-                K::Io if nats.wants_tls() => {
-                    "the server closed the connection during or after the TLS handshake: if it verifies clients, set nats.tls_cert_file and nats.tls_key_file to a certificate its CA signed"
-                }
+                K::Tls => TLS_FIX,
+                // TLS failures after the TCP connect arrive as I/O errors carrying rustls' error.
+                K::Io => match tls_failure(&source) {
+                    Some(TlsFailure::ClientCertificate) => {
+                        "the server wants a client certificate its CA signed: set nats.tls_cert_file and nats.tls_key_file"
+                    }
+                    Some(TlsFailure::Other) => TLS_FIX,
+                    None => "",
+                },
                 K::ServerParse => return Err(RunError::Connect { url: shown, source }),
-                _ => {
-                    tracing::warn!(url = %shown, error = %source, "NATS is not reachable yet; retrying until it is");
-                    ""
-                }
+                _ => "",
             };
+            if fix.is_empty() {
+                tracing::warn!(url = %shown, error = %source, "NATS is not reachable yet; retrying until it is");
+            }
             if !fix.is_empty() {
                 return Err(RunError::Refused {
                     url: shown,
@@ -110,6 +111,26 @@ pub async fn connect_with(url: &str, nats: &NatsSettings) -> Result<async_nats::
         .connect(url)
         .await
         .map_err(|source| RunError::Connect { url: shown, source })
+}
+
+const TLS_FIX: &str = "check nats.tls_ca_file (the CA that signed the server's certificate), that the URL's host is named in that certificate, and nats.tls_required against the server's TLS settings";
+
+enum TlsFailure {
+    /// The server refused Weir's client certificate, or wanted one.
+    ClientCertificate,
+    Other,
+}
+
+/// The TLS failure inside an I/O connect error, if it is one (not "connection refused").
+fn tls_failure(e: &async_nats::ConnectError) -> Option<TlsFailure> {
+    use tokio_rustls::rustls::{AlertDescription as A, Error as E};
+    let io = std::error::Error::source(e)?.downcast_ref::<std::io::Error>()?;
+    let tls = io.get_ref()?.downcast_ref::<E>()?;
+    Some(match tls {
+        E::AlertReceived(A::CertificateRequired | A::BadCertificate | A::UnknownCA)
+        | E::NoCertificatesPresented => TlsFailure::ClientCertificate,
+        _ => TlsFailure::Other,
+    })
 }
 
 /// The JetStream context Weir publishes with: room for every partition's publish window (plus

