@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::pki::{Dir, Operator, Pki};
@@ -204,4 +205,200 @@ async fn a_nats_not_up_yet_is_waited_for() {
         client.connection_state(),
         async_nats::connection::State::Connected
     );
+}
+
+/// Weir's minimal permissions, as the README gives them (`$ACCOUNT` streams and buckets
+/// created by Weir on its first start).
+const WEIR_PERMISSIONS: &str = r#"{
+  publish: {
+    allow: [
+      # JetStream API: its streams and buckets (create on first start, then info)
+      "$JS.API.INFO"
+      "$JS.API.STREAM.CREATE.WEIR_JOBS", "$JS.API.STREAM.INFO.WEIR_JOBS"
+      "$JS.API.STREAM.CREATE.WEIR_RELEASED", "$JS.API.STREAM.INFO.WEIR_RELEASED"
+      "$JS.API.STREAM.CREATE.WEIR_PARK", "$JS.API.STREAM.INFO.WEIR_PARK"
+      "$JS.API.STREAM.CREATE.WEIR_DEAD", "$JS.API.STREAM.INFO.WEIR_DEAD"
+      "$JS.API.STREAM.CREATE.KV_WEIR_LIMITS", "$JS.API.STREAM.INFO.KV_WEIR_LIMITS"
+      "$JS.API.STREAM.CREATE.KV_WEIR_CLUSTER", "$JS.API.STREAM.INFO.KV_WEIR_CLUSTER"
+      # purging a key's jobs (DELETE /v1/keys/{key}/jobs) and its parked jobs
+      "$JS.API.STREAM.PURGE.WEIR_JOBS", "$JS.API.STREAM.PURGE.WEIR_PARK"
+      # partition and triage consumers; reset hands a dead owner's jobs over at once
+      "$JS.API.CONSUMER.CREATE.WEIR_JOBS.>", "$JS.API.CONSUMER.INFO.WEIR_JOBS.*"
+      "$JS.API.CONSUMER.MSG.NEXT.WEIR_JOBS.*", "$JS.API.CONSUMER.RESET.WEIR_JOBS.*"
+      # bucket watchers (ordered consumers) and their flow control
+      "$JS.API.CONSUMER.CREATE.KV_WEIR_LIMITS", "$JS.API.CONSUMER.CREATE.KV_WEIR_LIMITS.>"
+      "$JS.API.CONSUMER.CREATE.KV_WEIR_CLUSTER", "$JS.API.CONSUMER.CREATE.KV_WEIR_CLUSTER.>"
+      "$JS.FC.>"
+      # reads by sequence and by key: parked and unacked jobs, bucket entries
+      "$JS.API.DIRECT.GET.WEIR_JOBS", "$JS.API.DIRECT.GET.WEIR_PARK"
+      "$JS.API.DIRECT.GET.KV_WEIR_LIMITS.>", "$JS.API.DIRECT.GET.KV_WEIR_CLUSTER.>"
+      # acks of the jobs it took, and what it stores
+      "$JS.ACK.WEIR_JOBS.>"
+      "released.>", "park.>", "dead.>"
+      "$KV.WEIR_LIMITS.>", "$KV.WEIR_CLUSTER.>"
+      # destination caps shared between processes
+      "weir.caps"
+    ]
+  }
+  subscribe: { allow: ["_INBOX.>", "weir.caps"] }
+}"#;
+
+/// A producer: publishes jobs and waits for JetStream's ack (a reply to its inbox).
+const PRODUCER_PERMISSIONS: &str =
+    r#"{ publish: { allow: ["jobs.>"] }, subscribe: { allow: ["_INBOX.>"] } }"#;
+
+/// A downstream worker: a durable pull consumer `worker` on `WEIR_RELEASED`.
+const WORKER_PERMISSIONS: &str = r#"{
+  publish: {
+    allow: [
+      "$JS.API.STREAM.INFO.WEIR_RELEASED"
+      "$JS.API.CONSUMER.CREATE.WEIR_RELEASED.worker", "$JS.API.CONSUMER.CREATE.WEIR_RELEASED.worker.>"
+      "$JS.API.CONSUMER.INFO.WEIR_RELEASED.worker", "$JS.API.CONSUMER.MSG.NEXT.WEIR_RELEASED.worker"
+      "$JS.ACK.WEIR_RELEASED.worker.>"
+    ]
+  }
+  subscribe: { allow: ["_INBOX.>"] }
+}"#;
+
+/// Weir runs under a user with exactly [`WEIR_PERMISSIONS`] (and, once the topology exists,
+/// without the stream-creating ones): jobs are released, a limit change through the bucket is
+/// applied, a dead letter is stored, and nats-server reports no permission violation. A
+/// producer and a worker with their minimal permissions publish and consume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_runs_with_minimal_permissions() {
+    let dir = Dir::new();
+    let provisioned: String = WEIR_PERMISSIONS
+        .lines()
+        .map(|l| {
+            // Without "$JS.API.STREAM.CREATE.*": the streams and buckets exist by then.
+            let kept: Vec<&str> = l
+                .split(", ")
+                .filter(|p| !p.contains("STREAM.CREATE"))
+                .collect();
+            kept.join(", ")
+        })
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let conf = format!(
+        "authorization {{ users = [\n\
+         {{ user: admin, password: admin }}\n\
+         {{ user: weir, password: weir, permissions: {WEIR_PERMISSIONS} }}\n\
+         {{ user: weir2, password: weir, permissions: {provisioned} }}\n\
+         {{ user: producer, password: producer, permissions: {PRODUCER_PERMISSIONS} }}\n\
+         {{ user: worker, password: worker, permissions: {WORKER_PERMISSIONS} }}\n\
+         ] }}\n"
+    );
+    let env = env(
+        &dir,
+        &conf,
+        "[nats]\nuser = \"admin\"\npassword = \"admin\"\n",
+    )
+    .await;
+    let user = |u: &str| {
+        let (url, u) = (env.url(), u.to_string());
+        async move {
+            async_nats::ConnectOptions::new()
+                .user_and_password(u.clone(), u)
+                .connect(url)
+                .await
+                .expect("connect")
+        }
+    };
+    let producer = async_nats::jetstream::new(user("producer").await);
+    let worker = async_nats::jetstream::new(user("worker").await);
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+
+    for (round, weir_user) in ["weir", "weir2"].into_iter().enumerate() {
+        let toml = format!("{BASE}[nats]\nuser = \"{weir_user}\"\npassword = \"weir\"\n");
+        let seen = violations.clone();
+        let url = env.url();
+        let weir = InProc::start_with(&env, &toml, |cfg| {
+            let (seen, url) = (seen.clone(), url.clone());
+            async move {
+                cfg.nats
+                    .options("weir")
+                    .await
+                    .expect("options")
+                    .max_reconnects(None)
+                    .event_callback(move |e| {
+                        let seen = seen.clone();
+                        async move {
+                            if let async_nats::Event::ServerError(e) = e {
+                                seen.lock().unwrap().push(e.to_string());
+                            }
+                        }
+                    })
+                    .connect(url)
+                    .await
+                    .expect("weir connects")
+            }
+        })
+        .await;
+        let jobs = (0..20).map(|i| Job::seq("sms", "acme", i));
+        publish_all(&producer, jobs, 20).await;
+        producer
+            .publish("jobs.bad", "no key".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        env.wait_all_released(20 * (round as u64 + 1), Duration::from_secs(20))
+            .await;
+        env.wait_stream_len("WEIR_DEAD", round as u64 + 1, Duration::from_secs(10))
+            .await;
+        // A limit change through the admin API: Weir writes the bucket, its watcher applies it.
+        let api = weir::cli::http::AdminClient::new(&format!("http://{}", weir.http)).unwrap();
+        let rate = format!("{}/s", 500 + round);
+        let a = api
+            .request(
+                axum::http::Method::PUT,
+                "/v1/limits/keys/acme",
+                Some(&serde_json::json!({ "rate": rate })),
+                None,
+            )
+            .await
+            .expect("PUT");
+        assert_eq!(a.status, 200, "{}", a.body);
+        eventually("the new limit applied", Duration::from_secs(10), || async {
+            let a = api
+                .request(axum::http::Method::GET, "/v1/keys/acme", None, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let v: serde_json::Value = serde_json::from_str(&a.body).map_err(|e| e.to_string())?;
+            if v["limit"]["rate"] == rate.as_str() {
+                Ok(())
+            } else {
+                Err(a.body)
+            }
+        })
+        .await;
+        weir.stop(Duration::from_secs(10))
+            .await
+            .expect("weir stops");
+    }
+
+    // The worker reads every released job with its durable consumer and acks it.
+    let stream = worker.get_stream("WEIR_RELEASED").await.expect("stream");
+    let consumer = stream
+        .get_or_create_consumer(
+            "worker",
+            async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some("worker".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("worker's consumer");
+    let mut msgs = consumer.messages().await.expect("messages");
+    for _ in 0..40 {
+        let m = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut msgs))
+            .await
+            .expect("a released job")
+            .expect("open")
+            .expect("message");
+        m.ack().await.expect("ack");
+    }
+    let v = violations.lock().unwrap().clone();
+    assert!(v.is_empty(), "nats-server reported: {v:?}");
 }

@@ -542,12 +542,29 @@ impl InProc {
     /// Starts Weir with `toml` (the NATS URL and admin address are filled in; its `[nats]`
     /// table is used to connect) and waits until `/readyz` says every partition is bound.
     pub async fn start(env: &Env, toml: &str) -> InProc {
+        let url = env.url();
+        InProc::start_with(env, toml, |cfg| {
+            let url = url.clone();
+            async move {
+                weir::connect_with(&url, &cfg.nats)
+                    .await
+                    .expect("weir connects")
+            }
+        })
+        .await
+    }
+
+    /// [`InProc::start`] with Weir's NATS client made by `connect` from the config (a test that
+    /// watches the connection's events).
+    pub async fn start_with<F, Fut>(env: &Env, toml: &str, connect: F) -> InProc
+    where
+        F: Fn(Config) -> Fut,
+        Fut: Future<Output = Client>,
+    {
         for _attempt in 0..5 {
             let http = free_addr();
             let cfg = config(toml, &env.url(), http);
-            let client = weir::connect_with(&env.url(), &cfg.nats)
-                .await
-                .expect("weir connects");
+            let client = connect(cfg.clone()).await;
             let stop = CancellationToken::new();
             let handle = tokio::spawn(weir::run(cfg, client, stop.clone().cancelled_owned()));
             let mut w = InProc {
