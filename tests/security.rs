@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -401,4 +403,182 @@ async fn weir_runs_with_minimal_permissions() {
     }
     let v = violations.lock().unwrap().clone();
     assert!(v.is_empty(), "nats-server reported: {v:?}");
+}
+
+/// `GET path` over HTTPS, trusting only `ca`: `(status, body)`.
+async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::{self, pki_types::ServerName, ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for c in weir::tls::certificates(ca).map_err(|e| e.to_string())? {
+        roots.add(c).map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let io = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = ServerName::IpAddress(addr.ip().into());
+        let mut tls = connector.connect(name, tcp).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tls.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        // A peer that closes without close_notify still gave the whole answer.
+        let _ = tls.read_to_end(&mut buf).await;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).to_string())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not HTTP: {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    Ok((status, body.unwrap_or_default()))
+}
+
+/// With `admin_tls_cert_file` and `admin_tls_key_file`, the admin API answers HTTPS (verified
+/// against the test CA) and plain HTTP on that port gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_over_https() {
+    let dir = Dir::new();
+    let pki = Pki::new(&dir);
+    let env = Env::start().await;
+    let http = free_addr();
+    let toml = format!(
+        "admin_tls_cert_file = {:?}\nadmin_tls_key_file = {:?}\n{BASE}",
+        pki.server_cert, pki.server_key
+    );
+    let cfg = config(&toml, &env.url(), http);
+    let client = weir::connect(&env.url()).await.expect("connect");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(weir::run(cfg, client, stop.clone().cancelled_owned()));
+    let ready = eventually("HTTPS /readyz", Duration::from_secs(20), || async {
+        assert!(!run.is_finished(), "weir stopped");
+        match https_get(http, &pki.ca, "/readyz").await {
+            Ok((200, body)) => Ok(body),
+            Ok((code, body)) => Err(format!("{code} {body}")),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    assert!(ready.contains("\"ready\":true"), "{ready}");
+    let (code, metrics) = https_get(http, &pki.ca, "/metrics").await.expect("metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("weir_"), "{metrics}");
+
+    let plain = http_get(http, "/healthz").await;
+    assert!(plain.is_err(), "plain HTTP got an answer: {plain:?}");
+    let untrusted = https_get(http, &pki.other_ca, "/healthz").await;
+    assert!(
+        untrusted.is_err(),
+        "a client without the CA got {untrusted:?}"
+    );
+    // The listener still serves after the failed handshakes.
+    assert_eq!(
+        https_get(http, &pki.ca, "/healthz").await.map(|a| a.0),
+        Ok(200)
+    );
+
+    stop.cancel();
+    run.await.expect("task").expect("weir stops cleanly");
+}
+
+/// `weir run` logging at trace level, with a NATS password and an admin token, through jobs,
+/// failing and succeeding admin writes and a metrics scrape: neither its output nor
+/// `/metrics` holds either secret. Neither do its messages for a refused password in the URL
+/// or a config it rejects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secrets_in_logs_metrics_or_errors() {
+    let dir = Dir::new();
+    let (pw, token) = ("nats-pw-3c8e1f09aa", "admin-tok-77d2b4e6c1");
+    let env = env(
+        &dir,
+        &format!("authorization {{ users = [ {{ user: weir, password: \"{pw}\" }} ] }}\n"),
+        &format!("[nats]\nuser = \"weir\"\npassword = \"{pw}\"\n"),
+    )
+    .await;
+    let log = dir.path().join("weir.log");
+    let secrets = [
+        ("WEIR_NATS_PASSWORD", pw),
+        ("WEIR_ADMIN_TOKEN", token),
+        ("RUST_LOG", "trace"),
+    ];
+    let toml = format!("{BASE}[nats]\nuser = \"weir\"\n");
+    let weir = Proc::start_with(&env.url(), &toml, &secrets, Some(&log)).await;
+    env.publish_all((0..20).map(|i| Job::seq("sms", "acme", i)), 20)
+        .await;
+    env.wait_all_released(20, Duration::from_secs(20)).await;
+    let api = weir::cli::http::AdminClient::new(&format!("http://{}", weir.http)).unwrap();
+    let body = serde_json::json!({ "rate": "50/s" });
+    let put = |t: Option<&'static str>| {
+        let (api, body) = (api.clone(), body.clone());
+        async move {
+            api.request(
+                axum::http::Method::PUT,
+                "/v1/limits/keys/acme",
+                Some(&body),
+                t,
+            )
+            .await
+            .expect("PUT")
+        }
+    };
+    assert_eq!(put(Some("not-the-token")).await.status, 401);
+    assert_eq!(put(None).await.status, 401);
+    let ok = put(Some(token)).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let metrics = api
+        .request(axum::http::Method::GET, "/metrics", None, None)
+        .await
+        .expect("metrics");
+    assert!(metrics.body.contains("weir_"), "{}", metrics.body);
+    weir.sigterm();
+    let mut weir = weir;
+    weir.wait_exit(Duration::from_secs(20))
+        .await
+        .expect("exits");
+
+    let out = std::fs::read_to_string(&log).expect("weir's output");
+    assert!(out.contains("TRACE"), "trace logging was on: {out}");
+    for (what, text) in [("output", &out), ("/metrics", &metrics.body)] {
+        assert!(!text.contains(pw), "{what} holds the NATS password");
+        assert!(!text.contains(token), "{what} holds the admin token");
+    }
+
+    // A wrong password in the URL, and rejected configs: the messages show neither.
+    let run = |toml: &str, args: &[&str], env: &[(&str, &str)]| {
+        let file = config_file(toml);
+        let mut cmd = weir_command(file.path(), args);
+        cmd.envs(env.iter().copied());
+        async move {
+            let out = cmd.output().await.expect("run weir");
+            drop(file);
+            assert!(!out.status.success(), "weir should fail");
+            String::from_utf8_lossy(&out.stderr).to_string()
+        }
+    };
+    let wrong = "wrong-url-pw-90ab";
+    let url = env
+        .url()
+        .replace("nats://", &format!("nats://weir:{wrong}@"));
+    let err = run(BASE, &["--nats-url", &url], &[]).await;
+    assert_says(&err, &["authorization violation", "***@"], &[wrong]);
+    for (toml, env) in [
+        (format!("[nats]\npassword = \"{pw}\""), vec![]),
+        ("[nats]\n".to_string(), vec![("WEIR_NATS_PASSWORD", pw)]),
+        (format!("[nats]\nuser = \"weir\"\npassword = {pw}"), vec![]),
+        (format!("admin_token = \"{pw} {token}\""), vec![]),
+    ] {
+        // Refused before connecting: the URL is never tried.
+        let err = run(&toml, &["--nats-url", "nats://127.0.0.1:1"], &env).await;
+        assert_says(&err, &["invalid configuration"], &[pw, token]);
+    }
 }
