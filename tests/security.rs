@@ -95,6 +95,30 @@ async fn user_and_password() {
     );
     let msg = refused(&env.url(), "").await;
     assert_says(&msg, &["authorization violation"], &[pw]);
+
+    // `weir limits` takes the same settings from Weir's file, the password from the environment.
+    let file = config_file(&format!(
+        "nats_url = \"{}\"\n[nats]\nuser = \"weir\"\n",
+        env.url()
+    ));
+    let limits = |password: &str| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"));
+        c.args(["limits", "list", "--config"])
+            .arg(file.path())
+            .env_remove("WEIR_NATS_URL")
+            .env("WEIR_NATS_PASSWORD", password);
+        async move { c.output().await.expect("run weir limits") }
+    };
+    let ok = limits(pw).await;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = limits(wrong).await;
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(69), "{err}");
+    assert_says(&err, &["authorization violation"], &[wrong, pw]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
