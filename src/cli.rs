@@ -16,6 +16,28 @@ pub mod status;
 mod table;
 pub mod top;
 
+/// Where the operator's commands find NATS when neither a flag, `WEIR_NATS_URL` nor a config
+/// file says.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// The NATS URL and `[nats]` settings (authentication, TLS) an operator command connects with:
+/// the flag or `WEIR_NATS_URL` beats the config file's `nats_url`; the `[nats]` table comes from
+/// the file (the same one `weir run` reads), the password also from `WEIR_NATS_PASSWORD`.
+pub fn nats_target(
+    config: Option<&std::path::Path>,
+    nats_url: Option<String>,
+) -> Result<(String, crate::config::NatsSettings), CliError> {
+    let overrides = crate::config::Overrides {
+        nats_url,
+        nats_password: std::env::var("WEIR_NATS_PASSWORD").ok(),
+        ..Default::default()
+    };
+    let c = crate::config::Config::load(config, &overrides)
+        .map_err(|e| CliError::Usage(format!("invalid configuration: {e}")))?;
+    let url = c.nats_url.unwrap_or_else(|| DEFAULT_NATS_URL.into());
+    Ok((url, c.nats))
+}
+
 /// `EX_USAGE` from sysexits.h: the command line or its values are wrong.
 pub const EXIT_USAGE: u8 = 64;
 /// `EX_UNAVAILABLE` from sysexits.h: a service the command needs cannot be reached.

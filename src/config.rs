@@ -19,7 +19,11 @@
 //!
 //! `admin_token` (or `WEIR_ADMIN_TOKEN`) makes the admin API's writes require
 //! `Authorization: Bearer <token>`. It is kept in an [`AdminToken`], whose `Debug` never shows it,
-//! so printing a `Config` cannot leak it into logs.
+//! so printing a `Config` cannot leak it into logs. `admin_tls_cert_file` and
+//! `admin_tls_key_file` (PEM) make the admin API serve HTTPS only.
+//!
+//! The `[nats]` table ([`nats`]) holds NATS authentication (credentials file, NKey, user and
+//! password) and TLS. Like every table it follows the top-level keys in the file.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,6 +33,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::job;
+use crate::tls::{self, ServerTls};
+
+pub mod nats;
+pub use nats::NatsSettings;
 
 /// The exit code for an invalid configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -47,6 +55,14 @@ pub enum ConfigError {
     Invalid {
         field: String,
         value: String,
+        fix: &'static str,
+    },
+    /// A file the config names cannot be used (its content is never shown).
+    #[error("`{field}` = {path:?}: {problem}; {fix}")]
+    File {
+        field: String,
+        path: String,
+        problem: String,
         fix: &'static str,
     },
 }
@@ -177,6 +193,10 @@ pub struct Config {
     /// When set, the admin API's writes (PUT, DELETE) need `Authorization: Bearer <token>`.
     /// Reads stay open: they expose backlogs and limits, never jobs.
     pub admin_token: Option<AdminToken>,
+    /// When set, the admin API serves HTTPS only, with this certificate and key.
+    pub admin_tls: Option<ServerTls>,
+    /// NATS authentication and TLS: the `[nats]` table.
+    pub nats: NatsSettings,
 }
 
 /// The admin API's bearer token. `Debug` shows `AdminToken(<redacted>)`: a config printed in a
@@ -225,6 +245,8 @@ impl Default for Config {
             member: default_member(),
             lease: Duration::from_secs(6),
             admin_token: None,
+            admin_tls: None,
+            nats: NatsSettings::default(),
         }
     }
 }
@@ -246,8 +268,12 @@ struct FileConfig {
     member: Option<String>,
     lease_ms: Option<i64>,
     admin_token: Option<String>,
+    admin_tls_cert_file: Option<std::path::PathBuf>,
+    admin_tls_key_file: Option<std::path::PathBuf>,
     #[serde(default)]
     limits: FileLimits,
+    #[serde(default)]
+    nats: nats::FileNats,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -272,6 +298,8 @@ pub struct Overrides {
     pub http_addr: Option<String>,
     pub admin_token: Option<String>,
     pub member: Option<String>,
+    /// `WEIR_NATS_PASSWORD`: the NATS password, kept out of the file.
+    pub nats_password: Option<String>,
 }
 
 /// The host name (Kubernetes sets `HOSTNAME` to the pod's name), cut to what a member name may
@@ -469,6 +497,44 @@ impl Config {
                 fix,
             })?);
         }
+        c.admin_tls = match (&file.admin_tls_cert_file, &file.admin_tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(ServerTls::load(cert, key).map_err(|(which, e)| {
+                let (field, path, fix) = match which {
+                    tls::Which::Cert => (
+                        "admin_tls_cert_file",
+                        cert,
+                        "give the admin API's certificate chain (PEM, leaf first)",
+                    ),
+                    tls::Which::Key => (
+                        "admin_tls_key_file",
+                        key,
+                        "give the PEM private key of admin_tls_cert_file",
+                    ),
+                };
+                ConfigError::File {
+                    field: field.into(),
+                    path: path.display().to_string(),
+                    problem: e.to_string(),
+                    fix,
+                }
+            })?),
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "admin_tls_key_file",
+                    "<not set>",
+                    "HTTPS needs a key: set admin_tls_key_file with admin_tls_cert_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "admin_tls_cert_file",
+                    "<not set>",
+                    "HTTPS needs a certificate: set admin_tls_cert_file with admin_tls_key_file",
+                ))
+            }
+        };
+        c.nats = NatsSettings::from_file(file.nats, overrides.nats_password.clone())?;
         if let Some(d) = file.limits.default {
             c.default_limit = parse_limit("limits.default", &d)?;
         }
@@ -487,8 +553,12 @@ impl Config {
     }
 }
 
+/// Parts of key names whose values are (or, mistyped, may be) secrets: a parse error on their
+/// line shows the key, not the value.
+const SECRET_KEYS: [&str; 6] = ["pas", "word", "token", "secret", "seed", "pwd"];
+
 /// The parser's message plus the line it points at: a wrong type ("invalid type: string, expected
-/// i64") names no field by itself.
+/// i64") names no field by itself. A secret's line is shown without its value.
 fn parse_message(text: &str, e: &toml::de::Error) -> String {
     let Some(span) = e.span() else {
         return e.message().to_string();
@@ -498,11 +568,19 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
         .map_or(0, |i| i + 1);
     let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
     let line = text[..start].matches('\n').count() + 1;
-    format!(
-        "{} (line {line}: `{}`)",
-        e.message(),
-        text[start..end].trim()
-    )
+    let shown = text[start..end].trim();
+    let key = shown
+        .split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches('"');
+    let lower = key.to_ascii_lowercase();
+    if SECRET_KEYS.iter().any(|s| lower.contains(s)) {
+        // The parser's message may quote the value too.
+        return format!("invalid value for `{key}` (line {line}; value not shown)");
+    }
+    format!("{} (line {line}: `{shown}`)", e.message())
 }
 
 fn in_range(field: &str, v: i64, lo: i64, hi: i64, fix: &'static str) -> Result<i64, ConfigError> {
@@ -636,6 +714,7 @@ burst = 10
             http_addr: Some("0.0.0.0:1".into()),
             admin_token: Some("from-env".into()),
             member: Some("pod-1".into()),
+            nats_password: None,
         };
         let c = Config::from_toml(
             "nats_url = \"nats://file:4222\"\nadmin_token = \"from-file\"\nmember = \"m\"",

@@ -24,7 +24,8 @@
 //!
 //! # Layout
 //! The modules, in the order a job meets them:
-//! - [`config`]: the configuration, parsed and validated once at start.
+//! - [`config`]: the configuration, parsed and validated once at start; [`config::nats`]: NATS
+//!   authentication and TLS.
 //! - [`streams`]: the JetStream topology (`WEIR_JOBS`, `WEIR_RELEASED`, `WEIR_PARK`, `WEIR_DEAD`).
 //! - [`job`]: subjects, headers and the naming contract.
 //! - [`cluster`]: which process runs which partition: members and leases in `WEIR_CLUSTER`.
@@ -40,6 +41,7 @@
 //! - [`release`]: pipelined publishing and the released job's headers.
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
 //! - [`admin`]: the admin HTTP API: health, readiness, limits, keys, and its OpenAPI document.
+//! - [`tls`]: PEM files and the admin API's HTTPS listener.
 //! - [`metrics`]: OpenTelemetry metrics, per-partition recorders cheap enough per job, `GET /metrics`.
 //! - [`trace`]: W3C trace context: a "weir hold" span per traced job, its `traceparent` rewritten.
 //! - [`signal`]: the shutdown signal.
@@ -71,7 +73,8 @@ pub mod scheduler;
 pub mod shards;
 pub mod signal;
 pub mod streams;
+pub mod tls;
 pub mod trace;
 
 mod server;
-pub use server::{connect, context, run, RunError};
+pub use server::{connect, connect_with, context, run, RunError};

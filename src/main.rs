@@ -81,6 +81,7 @@ fn main() -> ExitCode {
                 http_addr: a.http_addr,
                 admin_token: a.admin_token,
                 member: a.member,
+                nats_password: nats_password(),
             };
             let config = match Config::load(a.config.as_deref(), &overrides) {
                 Ok(c) => c,
@@ -94,7 +95,7 @@ fn main() -> ExitCode {
                 .clone()
                 .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
             rt.block_on(async move {
-                let client = weir::connect(&url).await?;
+                let client = weir::connect_with(&url, &config.nats).await?;
                 weir::run(config, client, weir::signal::shutdown()).await
             })
             .map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
@@ -123,6 +124,11 @@ fn exit(r: Result<(), weir::cli::CliError>) -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// `WEIR_NATS_PASSWORD`, read from the environment only: a flag would show in process listings.
+fn nats_password() -> Option<String> {
+    std::env::var("WEIR_NATS_PASSWORD").ok()
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {

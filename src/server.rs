@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::{self, Group};
-use crate::config::Config;
+use crate::config::{Config, NatsSettings};
 use crate::limits::{store::Store, Limits};
 use crate::metrics::Metrics;
 use crate::partition::PartitionStats;
@@ -27,6 +27,15 @@ pub enum RunError {
         url: String,
         source: async_nats::ConnectError,
     },
+    /// NATS refused Weir's credentials or the TLS handshake failed: retrying will not help.
+    #[error("NATS at {url} refused the connection: {source}; {fix}")]
+    Refused {
+        url: String,
+        source: async_nats::ConnectError,
+        fix: &'static str,
+    },
+    #[error("cannot use nats.creds_file: {0}")]
+    Credentials(std::io::Error),
     #[error(transparent)]
     Topology(#[from] streams::TopologyError),
     #[error(transparent)]
@@ -44,18 +53,84 @@ pub enum RunError {
     },
 }
 
-/// Connects to NATS with settings fit for a long-running service (retry forever on reconnect).
+/// Connects to NATS with settings fit for a long-running service (retry forever on reconnect),
+/// without credentials or TLS settings (those in the URL still apply).
 pub async fn connect(url: &str) -> Result<async_nats::Client, RunError> {
-    async_nats::ConnectOptions::new()
-        .name("weir")
+    connect_with(url, &NatsSettings::default()).await
+}
+
+/// Connects to NATS with the `[nats]` settings (authentication, TLS).
+///
+/// The first attempt is made once: if NATS refuses the credentials or the TLS handshake fails,
+/// this returns [`RunError::Refused`] at once, since waiting will not mend a wrong password or
+/// CA. If NATS is not reachable yet, the client keeps trying in the background (a service may
+/// start before its NATS), as it does after any later disconnect.
+pub async fn connect_with(url: &str, nats: &NatsSettings) -> Result<async_nats::Client, RunError> {
+    let shown = crate::config::nats::redact_url(url);
+    let options = || async {
+        nats.options("weir")
+            .await
+            .map(|o| o.max_reconnects(None))
+            .map_err(RunError::Credentials)
+    };
+    match options().await?.connect(url).await {
+        Ok(client) => return Ok(client),
+        Err(source) => {
+            use async_nats::ConnectErrorKind as K;
+            let fix = match source.kind() {
+                K::Authentication | K::AuthorizationViolation => {
+                    "check nats.creds_file, nats.nkey_file or nats.user and WEIR_NATS_PASSWORD against the server's users"
+                }
+                K::Tls => TLS_FIX,
+                // TLS failures after the TCP connect arrive as I/O errors carrying rustls' error.
+                K::Io => match tls_failure(&source) {
+                    Some(TlsFailure::ClientCertificate) => {
+                        "the server wants a client certificate its CA signed: set nats.tls_cert_file and nats.tls_key_file"
+                    }
+                    Some(TlsFailure::Other) => TLS_FIX,
+                    None => "",
+                },
+                K::ServerParse => return Err(RunError::Connect { url: shown, source }),
+                _ => "",
+            };
+            if fix.is_empty() {
+                tracing::warn!(url = %shown, error = %source, "NATS is not reachable yet; retrying until it is");
+            }
+            if !fix.is_empty() {
+                return Err(RunError::Refused {
+                    url: shown,
+                    source,
+                    fix,
+                });
+            }
+        }
+    }
+    options()
+        .await?
         .retry_on_initial_connect()
-        .max_reconnects(None)
         .connect(url)
         .await
-        .map_err(|source| RunError::Connect {
-            url: url.to_string(),
-            source,
-        })
+        .map_err(|source| RunError::Connect { url: shown, source })
+}
+
+const TLS_FIX: &str = "check nats.tls_ca_file (the CA that signed the server's certificate), that the URL's host is named in that certificate, and nats.tls_required against the server's TLS settings";
+
+enum TlsFailure {
+    /// The server refused Weir's client certificate, or wanted one.
+    ClientCertificate,
+    Other,
+}
+
+/// The TLS failure inside an I/O connect error, if it is one (not "connection refused").
+fn tls_failure(e: &async_nats::ConnectError) -> Option<TlsFailure> {
+    use tokio_rustls::rustls::{AlertDescription as A, Error as E};
+    let io = std::error::Error::source(e)?.downcast_ref::<std::io::Error>()?;
+    let tls = io.get_ref()?.downcast_ref::<E>()?;
+    Some(match tls {
+        E::AlertReceived(A::CertificateRequired | A::BadCertificate | A::UnknownCA)
+        | E::NoCertificatesPresented => TlsFailure::ClientCertificate,
+        _ => TlsFailure::Other,
+    })
 }
 
 /// The JetStream context Weir publishes with: room for every partition's publish window (plus
@@ -180,11 +255,23 @@ pub async fn run(
     };
     let http_cancel = cancel.clone();
     let http_metrics = metrics.clone();
+    let admin_tls = config.admin_tls.clone();
     tracker.spawn(async move {
         let router = admin::router(state).merge(crate::metrics::router(http_metrics));
-        let serve =
-            axum::serve(listener, router).with_graceful_shutdown(http_cancel.cancelled_owned());
-        if let Err(e) = serve.await {
+        let stop = http_cancel.cancelled_owned();
+        let served = match admin_tls {
+            None => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+            Some(tls) => {
+                axum::serve(tls.listener(listener), router)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "admin listener failed");
         }
     });
@@ -195,7 +282,12 @@ pub async fn run(
         metrics.unpartitioned(),
         cancel.clone(),
     ));
-    tracing::info!(partitions = config.partitions, http = %config.http_addr, "weir is running");
+    tracing::info!(
+        partitions = config.partitions,
+        http = %config.http_addr,
+        https = config.admin_tls.is_some(),
+        "weir is running"
+    );
 
     shutdown.await;
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");

@@ -242,7 +242,7 @@ async fn wall_clock_steps_do_not_change_rates() {
     let offset = tempfile::NamedTempFile::new().expect("offset file");
     std::fs::write(offset.path(), "+0\n").unwrap();
     let offset_path = offset.path().to_str().unwrap().to_string();
-    let weir = Proc::start_with_env(
+    let weir = Proc::start_with(
         &env.url(),
         &format!("{FOUR}[limits.default]\nrate = \"50/s\"\nburst = 5\n"),
         &[
@@ -252,6 +252,7 @@ async fn wall_clock_steps_do_not_change_rates() {
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
             ("FAKETIME_CACHE_DURATION", "1"),
         ],
+        None,
     )
     .await;
     let collector = Collector::start(&env.client, "released.>").await;

@@ -27,14 +27,12 @@ use crate::limits::{parse_value, Entry, LimitJson};
 /// `weir limits` flags.
 #[derive(Debug, Args)]
 pub struct LimitsArgs {
-    /// NATS URL.
-    #[arg(
-        long,
-        env = "WEIR_NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
-    pub nats_url: String,
+    /// NATS URL (beats the config file; default nats://127.0.0.1:4222).
+    #[arg(long, env = "WEIR_NATS_URL", global = true)]
+    pub nats_url: Option<String>,
+    /// Weir's TOML config file: its `nats_url` and `[nats]` table (credentials, TLS) are used.
+    #[arg(long, short, global = true)]
+    pub config: Option<std::path::PathBuf>,
     /// Print JSON instead of a table, for scripts.
     #[arg(long, global = true)]
     pub json: bool,
@@ -209,7 +207,7 @@ pub async fn main(a: LimitsArgs) -> Result<(), CliError> {
         LimitsCmd::List => Action::List,
         LimitsCmd::Delete { target } => Action::Delete(checked(target.entry())?),
     };
-    let store = open(&a.nats_url).await?;
+    let store = open(a.config.as_deref(), a.nats_url.clone()).await?;
     match action {
         Action::Get(entry) => match store.get_entry(&entry).await.map_err(store_error)? {
             Some(s) => show(&[LimitEntry::of(&s)], a.json, false),
@@ -283,15 +281,20 @@ fn store_error(e: StoreError) -> CliError {
 }
 
 /// Connects without retrying: a command should fail fast when NATS is away.
-async fn open(url: &str) -> Result<Store, CliError> {
-    let client = async_nats::ConnectOptions::new()
-        .name("weir-cli")
+async fn open(config: Option<&std::path::Path>, url: Option<String>) -> Result<Store, CliError> {
+    let (url, nats) = super::nats_target(config, url)?;
+    let shown = crate::config::nats::redact_url(&url);
+    let options = nats
+        .options("weir-cli")
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot use nats.creds_file: {e} (--config)")))?;
+    let client = options
         .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+        .connect(&url)
         .await
         .map_err(|e| {
             CliError::Unavailable(format!(
-                "cannot connect to NATS at {url}: {e} (--nats-url, WEIR_NATS_URL)"
+                "cannot connect to NATS at {shown}: {e} (--nats-url, WEIR_NATS_URL; credentials and TLS: --config, WEIR_NATS_PASSWORD)"
             ))
         })?;
     Store::get(&async_nats::jetstream::new(client))

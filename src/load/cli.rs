@@ -12,9 +12,12 @@ use super::{publish, BoxError, LoadSpec, Progress};
 /// `weir load` flags.
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
-    /// NATS URL.
-    #[arg(long, env = "WEIR_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// NATS URL (beats the config file; default nats://127.0.0.1:4222).
+    #[arg(long, env = "WEIR_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Weir's TOML config file: its `nats_url` and `[nats]` table (credentials, TLS) are used.
+    #[arg(long, short)]
+    pub config: Option<std::path::PathBuf>,
     /// Keys, comma-separated.
     #[arg(long, value_delimiter = ',', conflicts_with = "key_count")]
     pub keys: Vec<String>,
@@ -61,11 +64,15 @@ pub async fn main(a: LoadArgs) -> Result<(), BoxError> {
         payload: a.payload,
         window: a.window.max(1),
     };
-    let client = async_nats::ConnectOptions::new()
-        .name("weir-load")
-        .connect(&a.nats_url)
+    let (url, nats) = crate::cli::nats_target(a.config.as_deref(), a.nats_url.clone())?;
+    let shown = crate::config::nats::redact_url(&url);
+    let client = nats
+        .options("weir-load")
         .await
-        .map_err(|e| format!("cannot connect to NATS at {}: {e}", a.nats_url))?;
+        .map_err(|e| format!("cannot use nats.creds_file: {e}"))?
+        .connect(&url)
+        .await
+        .map_err(|e| format!("cannot connect to NATS at {shown}: {e}"))?;
     let js = ContextBuilder::new()
         .max_ack_inflight(spec.window)
         .backpressure_on_inflight(true)

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use weir::config::{Config, Overrides};
 use weir::natsd::LocalNats;
 
+pub mod pki;
+
 /// How often conditions are polled.
 pub const POLL: Duration = Duration::from_millis(20);
 
@@ -95,6 +97,19 @@ impl Env {
         let client = async_nats::connect(nats.url())
             .await
             .expect("connect to nats-server");
+        let js = jetstream::new(client.clone());
+        Env { nats, client, js }
+    }
+
+    /// A nats-server started with extra arguments (e.g. `-c server.conf` for authentication or
+    /// TLS) and a test client connected with `options` (its credentials and TLS settings).
+    pub async fn start_with(args: &[&str], options: async_nats::ConnectOptions) -> Env {
+        init_tracing();
+        let nats = LocalNats::start_with(args).expect("start nats-server");
+        let client = options
+            .connect(nats.url())
+            .await
+            .expect("test client connects to nats-server");
         let js = jetstream::new(client.clone());
         Env { nats, client, js }
     }
@@ -546,13 +561,32 @@ pub struct InProc {
 }
 
 impl InProc {
-    /// Starts Weir with `toml` (the NATS URL and admin address are filled in) and waits until
-    /// `/readyz` says every partition is bound.
+    /// Starts Weir with `toml` (the NATS URL and admin address are filled in; its `[nats]`
+    /// table is used to connect) and waits until `/readyz` says every partition is bound.
     pub async fn start(env: &Env, toml: &str) -> InProc {
+        let url = env.url();
+        InProc::start_with(env, toml, |cfg| {
+            let url = url.clone();
+            async move {
+                weir::connect_with(&url, &cfg.nats)
+                    .await
+                    .expect("weir connects")
+            }
+        })
+        .await
+    }
+
+    /// [`InProc::start`] with Weir's NATS client made by `connect` from the config (a test that
+    /// watches the connection's events).
+    pub async fn start_with<F, Fut>(env: &Env, toml: &str, connect: F) -> InProc
+    where
+        F: Fn(Config) -> Fut,
+        Fut: Future<Output = Client>,
+    {
         for _attempt in 0..5 {
             let http = free_addr();
             let cfg = config(toml, &env.url(), http);
-            let client = weir::connect(&env.url()).await.expect("weir connects");
+            let client = connect(cfg.clone()).await;
             let stop = CancellationToken::new();
             let handle = tokio::spawn(weir::run(cfg, client, stop.clone().cancelled_owned()));
             let mut w = InProc {
@@ -636,11 +670,17 @@ pub fn weir_command(config: &std::path::Path, args: &[&str]) -> tokio::process::
 impl Proc {
     /// Starts `weir run` and waits until `/readyz` answers 200.
     pub async fn start(nats_url: &str, toml: &str) -> Proc {
-        Proc::start_with_env(nats_url, toml, &[]).await
+        Proc::start_with(nats_url, toml, &[], None).await
     }
 
-    /// [`Proc::start`] with extra environment variables.
-    pub async fn start_with_env(nats_url: &str, toml: &str, env: &[(&str, &str)]) -> Proc {
+    /// [`Proc::start`] with extra environment variables, and stdout and stderr appended to
+    /// `output` when given (else inherited).
+    pub async fn start_with(
+        nats_url: &str,
+        toml: &str,
+        env: &[(&str, &str)],
+        output: Option<&std::path::Path>,
+    ) -> Proc {
         for _attempt in 0..5 {
             let http = free_addr();
             let file = config_file(toml);
@@ -650,10 +690,19 @@ impl Proc {
             if let Some(m) = &member {
                 args.extend(["--member", m]);
             }
-            let child = weir_command(file.path(), &args)
-                .envs(env.iter().copied())
-                .spawn()
-                .expect("spawn weir");
+            let mut cmd = weir_command(file.path(), &args);
+            cmd.envs(env.iter().copied());
+            if let Some(path) = output {
+                let open = || {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .expect("open output file")
+                };
+                cmd.stdout(open()).stderr(open());
+            }
+            let child = cmd.spawn().expect("spawn weir");
             let mut p = Proc {
                 http,
                 child,
