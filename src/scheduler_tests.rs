@@ -222,6 +222,39 @@ async fn a_fence_whose_jobs_never_come_back_lifts_at_its_deadline() {
     assert_eq!(take(&mut s).0.len(), 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_refused_release_holds_back_newer_jobs_of_its_key_until_it_returns() {
+    let mut s = sched(TEN_PER_SEC, 5_000);
+    // 1 and 2 leave (burst 2); 1's publish is refused and it goes back to JetStream.
+    s.offer("acme", 1, false, 1, now());
+    s.offer("acme", 2, false, 2, now());
+    assert_eq!(take(&mut s).0.len(), 2);
+    let until = Nanos::new(now().as_u64() + 60_000_000_000);
+    s.fence_one("acme", 1, until);
+    assert!(
+        s.behind_refused("acme", 2, None),
+        "2 was decided before 1 was refused"
+    );
+    assert!(!s.behind_refused("acme", 1, None));
+    assert!(!s.behind_refused("other", 9, None));
+    s.fence_one("acme", 2, until);
+    s.release_done("acme", None, false, now());
+    s.release_done("acme", None, false, now());
+    // A fresh 3 waits for both; they come back out of order and leave in order.
+    s.offer("acme", 3, false, 3, now());
+    s.offer("acme", 2, true, 2, now());
+    assert!(take(&mut s).0.is_empty(), "1 is still to come back");
+    s.offer("acme", 1, true, 1, now());
+    let mut order: Vec<u64> = take(&mut s).0.iter().map(|r| r.1).collect();
+    while let Some(wake) = s.next_wake() {
+        let wait = wake.as_u64().saturating_sub(now().as_u64());
+        tokio::time::advance(Duration::from_nanos(wait)).await;
+        s.fire(now());
+        order.extend(take(&mut s).0.iter().map(|r| r.1));
+    }
+    assert_eq!(order, vec![1, 2, 3]);
+}
+
 /// Advances to the next timer and fires it; returns how many releases it produced.
 async fn step(s: &mut Scheduler<u64>) -> Option<usize> {
     let wake = s.next_wake()?;
