@@ -153,6 +153,10 @@ pub struct Partition {
     closing: bool,
     /// Set while JetStream refuses publishes: the partition neither publishes nor reads.
     backoff: release::Backoff,
+    /// The connection dropped while publishes were in flight: some may be lost while later ones,
+    /// queued in the client, land after the reconnect. Nothing new is published until every
+    /// publish in flight is settled (acked, or refused and handed back with its key fenced).
+    in_doubt: bool,
     client: async_nats::Client,
     /// How long a restart's fence waits for the previous run's unacked jobs: two `ack_wait`s.
     fence_for: Duration,
@@ -204,6 +208,7 @@ impl Partition {
             stats,
             closing: false,
             backoff: release::Backoff::default(),
+            in_doubt: false,
             client: js.client(),
             fence_for: c.ack_wait * 2,
             commands,
@@ -341,7 +346,7 @@ impl Partition {
                             }
                         }
                     }
-                    m = messages.next(), if !self.pubs.is_full() && holding.is_none() => match m {
+                    m = messages.next(), if !self.pubs.is_full() && holding.is_none() && !self.in_doubt => match m {
                         Some(Ok(m)) => self.on_message(m).await,
                         Some(Err(e)) => tracing::debug!(partition = self.id, error = %e, "consumer stream error"),
                         None => {
@@ -462,8 +467,9 @@ impl Partition {
     }
 
     async fn run_actions(&mut self) {
-        // While JetStream refuses publishes, decisions wait in the scheduler (late, never early).
-        if self.backoff.until().is_some() && !self.closing {
+        // While JetStream refuses publishes or the connection is down, decisions wait in the
+        // scheduler (late, never early).
+        if !self.closing && !self.may_publish() {
             return;
         }
         self.sched.take_actions(&mut self.actions);
@@ -556,6 +562,25 @@ impl Partition {
         if let Err((e, tag)) = self.pubs.publish(subject, h, job.payload, tag).await {
             self.on_published(Err(e), tag).await;
         }
+    }
+
+    /// Whether new publishes may go out now (see [`Partition::in_doubt`]).
+    fn may_publish(&mut self) -> bool {
+        use async_nats::connection::State;
+        if self.client.connection_state() != State::Connected {
+            self.in_doubt = true;
+            // Look again shortly; the hold also stops reading.
+            self.backoff
+                .pause(tokio::time::Instant::now(), Duration::from_millis(50));
+            return false;
+        }
+        if self.in_doubt {
+            if !self.pubs.is_empty() {
+                return false;
+            }
+            self.in_doubt = false;
+        }
+        self.backoff.until().is_none()
     }
 
     async fn on_published(

@@ -106,6 +106,13 @@ impl Backoff {
         self.until.is_some_and(|u| now < u)
     }
 
+    /// Hold for `d` without counting a refusal: the connection is down, publishing now would
+    /// only queue in the client.
+    pub fn pause(&mut self, now: Instant, d: Duration) {
+        let until = now + d;
+        self.until = Some(self.until.map_or(until, |u| u.max(until)));
+    }
+
     /// When holding ends, if it has not yet.
     pub fn until(&self) -> Option<Instant> {
         self.until
