@@ -696,7 +696,12 @@ impl Partition {
                         for dest in &swept.dests {
                             self.metrics.dead(dest, crate::poison::UNREADABLE);
                         }
-                        tracing::debug!(partition = self.id, checked = swept.checked, dead = swept.dests.len(), "swept for unreadable jobs");
+                        tracing::debug!(
+                            partition = self.id,
+                            checked = swept.checked,
+                            dead = swept.dests.len(),
+                            "swept for unreadable jobs"
+                        );
                     }
                     Err(e) => {
                         tracing::warn!(partition = self.id, error = %e, "sweeping for unreadable jobs failed; sweeping again after the next reconnect")

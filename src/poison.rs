@@ -157,8 +157,10 @@ mod tests {
             check(b"weir.in.0.sms.\xff", None),
             Err("subject is not valid UTF-8 (byte 14)".into())
         );
-        assert!(bad("weir.in.0.sms.nb\u{a0}sp".as_bytes(), b"NATS/1.0\r\n\r\n")
-            .starts_with("subject contains whitespace (U+00A0 at byte 16)"));
+        assert!(
+            bad("weir.in.0.sms.nb\u{a0}sp".as_bytes(), b"NATS/1.0\r\n\r\n")
+                .starts_with("subject contains whitespace (U+00A0 at byte 16)")
+        );
         assert_eq!(
             check("weir.in.0.sms.nb\u{a0}sp".as_bytes(), None),
             Ok(()),

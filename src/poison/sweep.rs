@@ -103,11 +103,19 @@ pub async fn sweep(
         let route = job::parse_stored(&m.subject).ok();
         let subject = job::dead_subject(route.as_ref().map(|r| (r.dest, r.key)));
         let max = client.server_info().max_payload;
-        let h = headers(&m.subject, hdrs.as_deref(), &reason, m.seq, payload.len(), max);
+        let h = headers(
+            &m.subject,
+            hdrs.as_deref(),
+            &reason,
+            m.seq,
+            payload.len(),
+            max,
+        );
         tracing::warn!(partition, seq = m.seq, %reason, "dead-lettering a job the NATS client cannot read");
         js.publish_with_headers(subject, h, payload).await?.await?;
         delete(&client, m.seq).await?;
-        out.dests.push(route.map_or(String::new(), |r| r.dest.to_string()));
+        out.dests
+            .push(route.map_or(String::new(), |r| r.dest.to_string()));
     }
     Ok(out)
 }
@@ -147,7 +155,11 @@ fn headers(
     let salvaged = super::salvage(raw);
     let salvaged_len: usize = salvaged
         .iter()
-        .map(|(k, vs)| vs.iter().map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4).sum::<usize>())
+        .map(|(k, vs)| {
+            vs.iter()
+                .map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
         .sum();
     let mut h = if encoded.len() + salvaged_len <= budget {
         salvaged
