@@ -40,6 +40,8 @@
 //! - [`recover`]: what a partition's previous run left unacked, so order survives a restart.
 //! - [`release`]: pipelined publishing and the released job's headers.
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
+//! - [`poison`]: stored jobs the NATS client cannot read (bad header bytes), found after a
+//!   reconnect and dead-lettered.
 //! - [`admin`]: the admin HTTP API: health, readiness, limits, keys, and its OpenAPI document.
 //! - [`tls`]: PEM files and the admin API's HTTPS listener.
 //! - [`metrics`]: OpenTelemetry metrics, per-partition recorders cheap enough per job, `GET /metrics`.
@@ -67,6 +69,7 @@ pub mod metrics;
 pub mod natsd;
 pub mod park;
 pub mod partition;
+pub mod poison;
 pub mod recover;
 pub mod release;
 pub mod scheduler;

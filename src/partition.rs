@@ -105,6 +105,8 @@ enum OpDone {
         below: u64,
         ok: bool,
     },
+    /// A sweep for unreadable jobs ([`crate::poison`]) finished.
+    Swept(Result<crate::poison::Swept, String>),
 }
 
 /// What one partition shows the admin listener: whether its consumer is bound (for `/readyz`),
@@ -166,6 +168,15 @@ pub struct Partition {
     commands: mpsc::Receiver<Command>,
     metrics: PartitionMetrics,
     tracing: Tracing,
+    js: Context,
+    /// The client's connect count, read on the sweep tick: a reconnect may mean a job the
+    /// client cannot read broke the connection ([`crate::poison`]).
+    nats: Arc<async_nats::Statistics>,
+    connects: u64,
+    /// A sweep is in flight; `Some(true)`: another reconnect came meanwhile, sweep again.
+    sweeping: Option<bool>,
+    /// A handle on the consumer for sweeps (its info is all they read).
+    sweeper: Option<PullConsumer>,
 }
 
 /// What a partition task is connected to.
@@ -196,6 +207,7 @@ impl Partition {
             tracing,
         } = links;
         stats.limits_revision.store(limits.revision, Relaxed);
+        let nats = js.client().statistics();
         let mut sched = Scheduler::new(limits, c.horizon, c.max_held_per_partition as usize);
         sched.set_caps(&caps, now());
         Partition {
@@ -214,6 +226,11 @@ impl Partition {
             commands,
             metrics,
             tracing,
+            connects: nats.connects.load(Relaxed),
+            nats,
+            js,
+            sweeping: None,
+            sweeper: None,
         }
     }
 
@@ -233,9 +250,10 @@ impl Partition {
         cancel: &CancellationToken,
         reset: bool,
     ) {
+        self.sweeper = Some(consumer.clone());
         // Jobs the previous run held unacked come back later (after ack_wait) or out of order:
         // fence their keys so nothing newer overtakes them.
-        match crate::recover::unacked(&self.client, consumer, self.id).await {
+        match self.unacked(consumer).await {
             Ok(keys) => {
                 if reset && !keys.is_empty() {
                     crate::recover::redeliver_now(consumer, self.id).await;
@@ -327,6 +345,11 @@ impl Partition {
                     _ = &mut sleep, if armed.is_some() => { armed = None; self.sched.fire(now()); }
                     _ = &mut hold, if hold_armed.is_some() => { hold_armed = None; self.backoff.expired(); }
                     _ = sweep.tick() => {
+                        let connects = self.nats.connects.load(Relaxed);
+                        if connects != self.connects {
+                            self.connects = connects;
+                            self.sweep_unreadable();
+                        }
                         // Eviction checks every idle key: every 2 s is plenty.
                         ticks += 1;
                         let usage = self.sched.dest_usage();
@@ -692,6 +715,75 @@ impl Partition {
                 self.sched.loaded(&key, res.map(|o| o.map(|b| *b)), now())
             }
             OpDone::Purged { key, below, ok } => self.sched.purged(&key, below, ok, now()),
+            OpDone::Swept(res) => {
+                match res {
+                    Ok(swept) => {
+                        for dest in &swept.dests {
+                            self.metrics.dead(dest, crate::poison::UNREADABLE);
+                        }
+                        tracing::debug!(
+                            partition = self.id,
+                            checked = swept.checked,
+                            dead = swept.dests.len(),
+                            "swept for unreadable jobs"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition = self.id, error = %e, "sweeping for unreadable jobs failed; sweeping again after the next reconnect")
+                    }
+                }
+                if self.sweeping.take() == Some(true) {
+                    self.sweep_unreadable();
+                }
+            }
+        }
+    }
+
+    /// Starts a sweep for jobs the client cannot read ([`crate::poison`]), one at a time.
+    fn sweep_unreadable(&mut self) {
+        if let Some(again) = self.sweeping.as_mut() {
+            *again = true;
+            return;
+        }
+        let Some(consumer) = self.sweeper.clone() else {
+            return;
+        };
+        self.sweeping = Some(false);
+        let (js, id) = (self.js.clone(), self.id);
+        self.ops.push(Box::pin(async move {
+            let res = crate::poison::sweep(&js, consumer, id)
+                .await
+                .map_err(|e| e.to_string());
+            OpDone::Swept(res)
+        }));
+    }
+
+    /// [`crate::recover::unacked`]; when it failed because the connection broke (a job the
+    /// client cannot read, see [`crate::poison`]), sweeps and tries again, twice at most.
+    async fn unacked(
+        &mut self,
+        consumer: &mut PullConsumer,
+    ) -> Result<std::collections::HashMap<String, Vec<u64>>, crate::recover::RecoverError> {
+        let mut tries = 0;
+        loop {
+            let before = self.nats.connects.load(Relaxed);
+            let res = crate::recover::unacked(&self.client, consumer, self.id).await;
+            let after = self.nats.connects.load(Relaxed);
+            if res.is_ok() || before == after || tries == 2 {
+                return res;
+            }
+            tries += 1;
+            self.connects = after;
+            match crate::poison::sweep(&self.js, consumer.clone(), self.id).await {
+                Ok(swept) => {
+                    for dest in &swept.dests {
+                        self.metrics.dead(dest, crate::poison::UNREADABLE);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(partition = self.id, error = %e, "sweeping for unreadable jobs failed")
+                }
+            }
         }
     }
 }
