@@ -151,6 +151,7 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
     let mut next_nats = start + nats_every;
     let mut published: Option<(Vec<u64>, Duration)> = None;
     let mut last_check = Instant::now();
+    let mut idle: Option<(u64, Instant)> = None;
     let drained = loop {
         group.sample_memory();
         if publisher.is_finished() && published.is_none() {
@@ -164,8 +165,21 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
         if let Some((accepted, _)) = &published {
             if last_check.elapsed() > Duration::from_millis(200) {
                 last_check = Instant::now();
-                if accounted(&js, accepted.iter().sum()).await {
-                    break true;
+                match streams(&js).await {
+                    Some(s) if s.done >= accepted.iter().sum::<u64>() && s.waiting == 0 => {
+                        break true
+                    }
+                    // Nothing waits, yet jobs are missing: once that has held for 10 s,
+                    // nothing more will come (the ledger says which jobs are missing).
+                    Some(s) if s.waiting == 0 => match idle {
+                        Some((done, since)) if done == s.done => {
+                            if since.elapsed() > Duration::from_secs(10) {
+                                break false;
+                            }
+                        }
+                        _ => idle = Some((s.done, Instant::now())),
+                    },
+                    _ => idle = None,
                 }
             }
         }
@@ -197,7 +211,7 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
 
     let released = crate::ledger::read(&js, RELEASED_STREAM).await?;
     let dead = crate::ledger::read(&js, DEAD_STREAM).await?;
-    let (lost, both, unexpected, rate) = report::build(
+    let t = report::build(
         &plan,
         &accepted,
         &released,
@@ -205,8 +219,8 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
         &group.moves,
         a.partitions,
     );
-    let duplicated = released.duplicates + dead.duplicates + both;
-    let clean = drained && lost == 0 && duplicated == 0 && released.out_of_order == 0;
+    let duplicated = released.duplicates + dead.duplicates + t.both;
+    let clean = drained && t.lost == 0 && duplicated == 0 && released.out_of_order == 0;
     let memory: Vec<report::MemoryRow> = (group.memory.iter())
         .map(|(m, rss, hwm)| report::MemoryRow {
             member: m.clone(),
@@ -226,12 +240,13 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
         released: released.distinct(),
         dead: dead.distinct(),
         dead_by_reason: dead.reasons.clone(),
-        lost,
+        lost: t.lost,
+        lost_jobs: t.lost_jobs,
         duplicated,
         reordered: released.out_of_order,
         reorders: released.reorders.clone(),
-        unexpected,
-        rate,
+        unexpected: t.unexpected,
+        rate: t.rate,
         kills: group.kills,
         nats_faults,
         peak_rss_bytes: memory.iter().map(|m| m.peak_rss_bytes).max().unwrap_or(0),
@@ -276,21 +291,31 @@ async fn setup(js: &Context, a: &ChaosArgs) -> Result<String, BoxError> {
     Ok(toml)
 }
 
-/// Whether the streams account for `published` jobs: nothing waits in `WEIR_JOBS` or
-/// `WEIR_PARK`, and `WEIR_RELEASED` and `WEIR_DEAD` hold at least that many.
-async fn accounted(js: &Context, published: u64) -> bool {
+/// What the streams hold: jobs done (in `WEIR_RELEASED` or `WEIR_DEAD`) and jobs waiting (in
+/// `WEIR_JOBS` or `WEIR_PARK`); `None` if NATS did not answer.
+struct Streams {
+    done: u64,
+    waiting: u64,
+}
+
+async fn streams(js: &Context) -> Option<Streams> {
     let mut len = [0u64; 4];
     for (l, s) in len
         .iter_mut()
         .zip([RELEASED_STREAM, DEAD_STREAM, JOBS_STREAM, PARK_STREAM])
     {
-        match js.get_stream(s).await {
-            Ok(mut st) => match st.info().await {
-                Ok(i) => *l = i.state.messages,
-                Err(_) => return false,
-            },
-            Err(_) => return false,
-        }
+        *l = js
+            .get_stream(s)
+            .await
+            .ok()?
+            .info()
+            .await
+            .ok()?
+            .state
+            .messages;
     }
-    len[0] + len[1] >= published && len[2] == 0 && len[3] == 0
+    Some(Streams {
+        done: len[0] + len[1],
+        waiting: len[2] + len[3],
+    })
 }

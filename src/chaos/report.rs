@@ -30,6 +30,8 @@ pub struct Report {
     pub dead_by_reason: BTreeMap<String, u64>,
     /// Accepted jobs found in neither stream.
     pub lost: u64,
+    /// The first few lost jobs: key and sequence.
+    pub lost_jobs: Vec<(String, u64)>,
     /// Copies beyond the first, in either stream, or a job in both.
     pub duplicated: u64,
     /// Jobs released after a later job of their key.
@@ -76,6 +78,17 @@ pub struct RateCheck {
     pub within_handover_bound: bool,
 }
 
+/// The jobs counted against the plan.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub lost: u64,
+    pub lost_jobs: Vec<(String, u64)>,
+    /// Jobs both released and dead.
+    pub both: u64,
+    pub unexpected: u64,
+    pub rate: RateCheck,
+}
+
 /// Builds the ledger from what the streams hold.
 pub fn build(
     plan: &Plan,
@@ -84,22 +97,27 @@ pub fn build(
     dead: &Ledger,
     moves: &[u32],
     partitions: u16,
-) -> (u64, u64, u64, RateCheck) {
-    let (mut lost, mut both, mut unexpected) = (0u64, 0u64, 0u64);
-    let mut rate = RateCheck::default();
+) -> Tally {
+    let mut t = Tally::default();
+
     for (k, key) in plan.keys.iter().enumerate() {
         let n = accepted[k];
         for seq in 0..n {
             match (released.has(&key.name, seq), dead.has(&key.name, seq)) {
-                (false, false) => lost += 1,
-                (true, true) => both += 1,
+                (false, false) => {
+                    t.lost += 1;
+                    if t.lost_jobs.len() < 10 {
+                        t.lost_jobs.push((key.name.clone(), seq));
+                    }
+                }
+                (true, true) => t.both += 1,
                 _ => {}
             }
         }
         for l in [released, dead] {
             if let Some(log) = l.keys.get(&key.name) {
                 let beyond = log.seen.iter().skip(n as usize).filter(|s| **s).count();
-                unexpected += beyond as u64;
+                t.unexpected += beyond as u64;
             }
         }
         let Some(log) = released.keys.get(&key.name) else {
@@ -109,28 +127,28 @@ pub fn build(
         let p = crate::job::partition_of(&key.name, partitions);
         let m = moves.get(usize::from(p)).copied().unwrap_or(0);
         if over > 0 {
-            rate.keys_over_plain_bound += 1;
+            t.rate.keys_over_plain_bound += 1;
         }
         if over > u64::from(key.limit.burst) * u64::from(m) {
-            rate.keys_over_handover_bound += 1;
+            t.rate.keys_over_handover_bound += 1;
         }
-        if over > rate.worst_overshoot {
-            rate.worst_overshoot = over;
-            rate.worst_key = Some(key.name.clone());
-            rate.worst_burst = key.limit.burst;
-            rate.worst_moves = m;
+        if over > t.rate.worst_overshoot {
+            t.rate.worst_overshoot = over;
+            t.rate.worst_key = Some(key.name.clone());
+            t.rate.worst_burst = key.limit.burst;
+            t.rate.worst_moves = m;
         }
     }
     // Keys in the streams that the plan does not know.
     for l in [released, dead] {
         for (name, log) in &l.keys {
             if !plan.keys.iter().any(|k| &k.name == name) {
-                unexpected += log.seen.iter().filter(|s| **s).count() as u64;
+                t.unexpected += log.seen.iter().filter(|s| **s).count() as u64;
             }
         }
     }
-    rate.within_handover_bound = rate.keys_over_handover_bound == 0;
-    (lost, both, unexpected, rate)
+    t.rate.within_handover_bound = t.rate.keys_over_handover_bound == 0;
+    t
 }
 
 fn mib(b: u64) -> String {
@@ -168,6 +186,9 @@ impl Report {
             println!("      {n:>9}  {reason}");
         }
         println!("    lost        {:>9}", r.lost);
+        for (key, seq) in &r.lost_jobs {
+            println!("      {key} job {seq}");
+        }
         println!("    duplicated  {:>9}", r.duplicated);
         println!("    reordered   {:>9}", r.reordered);
         for (key, seq, after, at) in &r.reorders {
