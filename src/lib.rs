@@ -50,11 +50,14 @@
 //! - [`cli`]: the operator's commands: `weir limits` (NATS), `weir status` and `weir top` (admin API).
 //! - [`natsd`], [`load`], [`demo`], [`bench`]: a local nats-server, the load generator, the demo and
 //!   the end-to-end benchmark.
+//! - [`chaos`]: long runs under injected faults (kill -9, NATS restarts), checked by the job
+//!   [`ledger`]; [`members`] drives the `weir run` subprocesses of `bench` and `chaos`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod bench;
 pub mod caps;
+pub mod chaos;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -62,9 +65,11 @@ pub mod dead;
 pub mod demo;
 pub mod inspect;
 pub mod job;
+pub mod ledger;
 pub mod limiter;
 pub mod limits;
 pub mod load;
+pub mod members;
 pub mod metrics;
 pub mod natsd;
 pub mod park;

@@ -28,6 +28,9 @@ enum Cmd {
     Load(weir::load::LoadArgs),
     /// The end-to-end benchmark: raw JetStream ceiling vs Weir, rate error, latency, memory.
     Bench(weir::bench::BenchArgs),
+    /// Long runs under injected faults (kill -9, NATS restarts) and a job ledger: lost,
+    /// duplicated, reordered, rate overshoot; exits 2 if the ledger is not clean.
+    Chaos(weir::chaos::ChaosArgs),
     /// Read and change limits in the WEIR_LIMITS bucket (through NATS; no Weir needs to run).
     Limits(weir::cli::limits::LimitsArgs),
     /// A running Weir's readiness and busiest keys, or one key's status (admin API).
@@ -109,6 +112,11 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => rt
             .block_on(weir::bench::main(a))
             .map_or_else(|e| fail(&*e), |()| ExitCode::SUCCESS),
+        Cmd::Chaos(a) => match rt.block_on(weir::chaos::main(a)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(2),
+            Err(e) => fail(&*e),
+        },
         Cmd::Limits(a) => exit(rt.block_on(weir::cli::limits::main(a))),
         Cmd::Status(a) => exit(rt.block_on(weir::cli::status::main(a))),
         Cmd::Top(a) => exit(rt.block_on(weir::cli::top::main(a))),

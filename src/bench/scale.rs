@@ -16,21 +16,18 @@
 //! replacement under a new name and waits for balance again. Finally every published job must
 //! be in `WEIR_RELEASED` exactly once.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull::OrderedConfig, Context};
+use async_nats::jetstream::{self, Context};
 use futures::StreamExt;
 
 use super::{fresh, median, preload, wait_count, BenchArgs, BoxError};
 use crate::job::{JOBS_STREAM, PARK_STREAM, RELEASED_STREAM};
 use crate::streams::partition_consumer;
 
-mod members;
-
-use members::{
+use crate::members::{
     clock_ticks, config_file, cpu_ticks, get, is_nats_server, wait_settled, Member, POLL,
 };
 
@@ -274,7 +271,7 @@ async fn handover(a: &BenchArgs) -> Result<(), BoxError> {
     // Re-releases reach the core subscription at once; give the last ones a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
     counter.abort();
-    let check = exactly_once(&js, keys.len()).await?;
+    let check = crate::ledger::read(&js, RELEASED_STREAM).await?;
 
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     let row = |what: &str, v: &[Duration], minus: f64| {
@@ -306,10 +303,10 @@ async fn handover(a: &BenchArgs) -> Result<(), BoxError> {
     row("join -> balanced and ready", &joins, 0.0);
     println!(
         "     jobs: {published} published ({} failed), {released} in {RELEASED_STREAM}: {} distinct, {} duplicates, {} missing, {} out of key order; the core subscription saw {} re-releases (absorbed by Nats-Msg-Id)",
-        sent.failed, check.distinct, check.duplicates, published.saturating_sub(check.distinct),
+        sent.failed, check.distinct(), check.duplicates, published.saturating_sub(check.distinct()),
         check.out_of_order, seen.load(Relaxed).saturating_sub(released)
     );
-    if check.duplicates > 0 || check.distinct != published || released != published {
+    if check.duplicates > 0 || check.distinct() != published || released != published {
         return Err("jobs were lost or released twice (see above)".into());
     }
     Ok(())
@@ -342,49 +339,4 @@ async fn wait_drained(js: &Context, n: u64) -> Result<u64, BoxError> {
 
 async fn stream_len(js: &Context, stream: &str) -> Result<u64, BoxError> {
     Ok(js.get_stream(stream).await?.info().await?.state.messages)
-}
-
-/// What [`exactly_once`] found in `WEIR_RELEASED`.
-struct Check {
-    distinct: u64,
-    duplicates: u64,
-    out_of_order: u64,
-}
-
-/// Reads `WEIR_RELEASED` once through: each job is (key, per-key sequence from the payload).
-async fn exactly_once(js: &Context, keys: usize) -> Result<Check, BoxError> {
-    let stream = js.get_stream(RELEASED_STREAM).await?;
-    let total = stream_len(js, RELEASED_STREAM).await?;
-    let consumer = stream.create_consumer(OrderedConfig::default()).await?;
-    let mut msgs = consumer.messages().await?;
-    let mut got: HashMap<String, (Vec<bool>, u64)> = HashMap::with_capacity(keys);
-    let mut c = Check {
-        distinct: 0,
-        duplicates: 0,
-        out_of_order: 0,
-    };
-    for _ in 0..total {
-        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-            .await
-            .map_err(|_| "reading WEIR_RELEASED stalled")?
-            .ok_or("reading WEIR_RELEASED ended early")??;
-        let key = m.subject.rsplit('.').next().unwrap_or_default().to_string();
-        let seq =
-            crate::load::seq_of(&m.payload).ok_or("a released payload without its sequence")?;
-        let (seen, last) = got.entry(key).or_insert((Vec::new(), 0));
-        let i = seq as usize;
-        if seen.len() <= i {
-            seen.resize(i + 1, false);
-        }
-        if std::mem::replace(&mut seen[i], true) {
-            c.duplicates += 1;
-        } else {
-            c.distinct += 1;
-        }
-        if seq < *last {
-            c.out_of_order += 1;
-        }
-        *last = seq;
-    }
-    Ok(c)
 }

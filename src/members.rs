@@ -1,5 +1,5 @@
-//! The `weir run` processes of the scale measure: starting, stopping and watching them, and
-//! reading their CPU time.
+//! `weir run` subprocesses of the current executable, for `weir bench --only scale` and
+//! `weir chaos`: starting, stopping and watching them, and reading their CPU time and memory.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::super::BoxError;
+use crate::bench::BoxError;
 use crate::cli::http::AdminClient;
 
 /// How often the group's state is polled.
@@ -185,4 +185,21 @@ pub fn config_file(toml: &str) -> Result<tempfile::NamedTempFile, BoxError> {
 /// Whether `pid` is nats-server itself (not a wrapper that forked it).
 pub fn is_nats_server(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "nats-server")
+}
+
+/// Resident memory of a process from `/proc/<pid>/status`, in bytes: `(VmRSS, VmHWM)`, the
+/// current and the peak resident set. `None` once the process is gone (or off Linux).
+pub fn memory(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }

@@ -1,0 +1,89 @@
+//! `weir chaos` as a subprocess, with small numbers: its `--json` ledger must be clean.
+//!
+//! Each run starts its own nats-server and two `weir run` processes, publishes a few thousand
+//! jobs (hot keys with backlogs that park, cold keys, a few invalid ones) and kills a Weir
+//! process every 2 s while they drain. At this size the kills-only run is clean; the default
+//! 100,000-job run is not (jobs lost under kill -9, reordered by a NATS restart: see the
+//! README's Reliability section).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `weir chaos --json` with `args`; returns its exit code and ledger.
+fn chaos(args: &[&str]) -> (i32, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("chaos")
+        .args([
+            "--json",
+            "--jobs",
+            "3000",
+            "--hot-keys",
+            "4",
+            "--cold-keys",
+            "200",
+            "--invalid",
+            "5",
+            "--kill-every",
+            "2",
+            "--deadline",
+            "60",
+        ])
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run weir chaos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ledger: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "weir chaos printed no JSON ledger ({e}); stdout: {stdout}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), ledger)
+}
+
+fn assert_clean(code: i32, l: &Value) {
+    let n = |f: &str| l[f].as_u64().unwrap_or_else(|| panic!("no {f} in {l}"));
+    assert_eq!(n("published"), 3005, "every job accepted: {l:#}");
+    assert_eq!(n("released"), 3000, "{l:#}");
+    assert_eq!(n("dead"), 5, "{l:#}");
+    assert_eq!(n("lost"), 0, "{l:#}");
+    assert_eq!(n("duplicated"), 0, "{l:#}");
+    assert_eq!(n("reordered"), 0, "{l:#}");
+    assert_eq!(n("unexpected"), 0, "{l:#}");
+    assert!(n("kills") >= 2, "a couple of kills: {l:#}");
+    assert_eq!(l["rate"]["within_handover_bound"], true, "{l:#}");
+    assert_eq!(l["clean"], true, "{l:#}");
+    assert_eq!(code, 0, "exit status of a clean run: {l:#}");
+}
+
+#[test]
+fn kills_leave_a_clean_ledger() {
+    let (code, l) = chaos(&["--nats-restarts", "0"]);
+    assert_clean(code, &l);
+}
+
+/// Ignored: a release publish that times out while NATS restarts hands its job back (NAK) while
+/// later jobs of the key are released, so the key's order breaks (`reordered` > 0 in every run
+/// so far). Run with `--ignored` once that is fixed.
+#[test]
+#[ignore = "a release publish failed during a NATS restart reorders its key"]
+fn kills_and_a_nats_restart_leave_a_clean_ledger() {
+    let (code, l) = chaos(&[
+        "--nats-restarts",
+        "1",
+        "--nats-every",
+        "3",
+        "--nats-down",
+        "2",
+    ]);
+    let f = &l["nats_faults"][0];
+    assert_eq!(f["healthz_ok_while_away"], true, "{l:#}");
+    assert_eq!(f["readyz_down_while_away"], true, "{l:#}");
+    assert!(
+        f["ready_after_ms"].is_u64(),
+        "ready again after the restart: {l:#}"
+    );
+    assert_clean(code, &l);
+}
