@@ -117,8 +117,21 @@ fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
 
 /// Waits for `WEIR_DEAD` to hold `n` letters and returns them by the subject they came on.
 async fn dead_letters(env: &Env, n: u64) -> Vec<Stored> {
-    env.wait_stream_len("WEIR_DEAD", n, Duration::from_secs(20))
-        .await;
+    let got = eventually("dead letters", Duration::from_secs(20), || async {
+        match env.stream_len("WEIR_DEAD").await {
+            len if len >= n => Ok(()),
+            len => {
+                let have: Vec<String> = env
+                    .read_stream("WEIR_DEAD")
+                    .await
+                    .iter()
+                    .map(|d| format!("{:?}", d.header(header::SUBJECT)))
+                    .collect();
+                Err(format!("WEIR_DEAD holds {len} of {n}: {have:?}"))
+            }
+        }
+    });
+    got.await;
     env.read_stream("WEIR_DEAD").await
 }
 
