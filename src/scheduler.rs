@@ -118,8 +118,9 @@ struct Busy<J> {
     parking: u32,
     /// Parked jobs not yet read back.
     unread: u64,
-    /// Releases of jobs read back from the park, in flight: on failure they are read again.
-    inflight_parked: u32,
+    /// Park sequences of releases read back from the park and in flight, oldest first: on
+    /// failure they are read again, so the park is never purged at or past the oldest.
+    inflight_parked: std::collections::VecDeque<u64>,
     /// Next park sequence to read from.
     cursor: u64,
     loading: bool,
@@ -149,7 +150,7 @@ impl<J> Default for Busy<J> {
             fence_until: 0,
             parking: 0,
             unread: 0,
-            inflight_parked: 0,
+            inflight_parked: std::collections::VecDeque::new(),
             cursor: 0,
             loading: false,
             max_loaded_src: 0,
@@ -171,7 +172,7 @@ impl<J> Busy<J> {
             && self.queue.is_empty()
             && self.parking == 0
             && self.unread == 0
-            && self.inflight_parked == 0
+            && self.inflight_parked.is_empty()
             && !self.loading
             && !self.purging
             && self.purged_below >= self.purge_below
@@ -403,7 +404,9 @@ impl<J: Routed> Scheduler<J> {
             return;
         };
         if let Some(ps) = park_seq {
-            b.inflight_parked = b.inflight_parked.saturating_sub(1);
+            if let Some(i) = b.inflight_parked.iter().position(|&p| p == ps) {
+                b.inflight_parked.remove(i);
+            }
             if ok {
                 b.purge_below = b.purge_below.max(ps + 1);
             } else {
@@ -583,11 +586,26 @@ impl<J: Routed> Scheduler<J> {
             && !b.purging
             && (b.queue.is_empty() || b.purge_below - b.purged_below >= 64)
         {
-            b.purging = true;
-            self.actions.push(Action::Purge {
-                key: k.clone(),
-                below: b.purge_below,
-            });
+            // Never past a parked job not yet released: the lowest one still queued or in
+            // flight, or the cursor (moved back to a refused one). `purge_below` alone can run ahead: a parked
+            // copy of a job already queued (redelivered after a crash) asks for its own purge
+            // when it is read, before the parked jobs queued below it have left; purging those
+            // would lose them if this process died before releasing them.
+            let bound = b
+                .queue
+                .iter()
+                .filter_map(|h| h.park_seq)
+                .chain(b.inflight_parked.front().copied())
+                .min()
+                .map_or(b.cursor, |p| p.min(b.cursor));
+            let below = b.purge_below.min(bound);
+            if below > b.purged_below {
+                b.purging = true;
+                self.actions.push(Action::Purge {
+                    key: k.clone(),
+                    below,
+                });
+            }
         }
         if b.is_idle() {
             st.busy = None;
@@ -648,8 +666,8 @@ fn release<J>(
     actions: &mut Vec<Action<J>>,
 ) {
     b.released += 1;
-    if job.park_seq.is_some() {
-        b.inflight_parked += 1;
+    if let Some(ps) = job.park_seq {
+        b.inflight_parked.push_back(ps);
     }
     *held -= 1;
     actions.push(Action::Release {

@@ -165,6 +165,41 @@ async fn a_failed_release_of_a_parked_job_reads_it_again() {
     assert_eq!(loads, vec![("acme".to_string(), 7)]);
 }
 
+/// After a crash: parked jobs 100 and 200 (sources 10 and 11) are read back, and 11 was also
+/// redelivered fresh. Reading 200 finds the duplicate, but the park may be purged only below the
+/// lowest parked job still queued: 100 has not left yet, and would be lost with a purge below
+/// 201.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_parked_copy_never_purges_parked_jobs_not_yet_released() {
+    let mut s = sched("[limits.default]\nrate = \"1/s\"\nburst = 1", 5_000);
+    s.restore_parked("acme", 2, now());
+    take(&mut s);
+    s.offer("acme", 11, true, 11, now());
+    // The bucket's one token goes to nothing yet: 11 waits behind the parked jobs.
+    s.loaded("acme", Ok(Some((100, 10, 10))), now());
+    s.loaded("acme", Ok(Some((200, 11, 11))), now());
+    let (rel, _, purges) = take(&mut s);
+    assert!(
+        purges.iter().all(|(_, below)| *below <= 100),
+        "purged {purges:?} while parked job 100 is queued (released {rel:?})"
+    );
+    // 100 leaves; then the park may be purged below 201.
+    let released: Vec<_> = rel.iter().map(|r| (r.1, r.2)).collect();
+    let mut done = released.clone();
+    while !done.iter().any(|&(src, _)| src == 10) {
+        let wake = s.next_wake().expect("a timer");
+        tokio::time::advance(Duration::from_nanos(
+            wake.as_u64().saturating_sub(now().as_u64()),
+        ))
+        .await;
+        s.fire(now());
+        done.extend(take(&mut s).0.iter().map(|r| (r.1, r.2)));
+    }
+    s.release_done("acme", Some(100), true, now());
+    let (_, _, purges) = take(&mut s);
+    assert!(purges.iter().all(|(_, below)| *below <= 201), "{purges:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn past_the_partition_budget_keys_park_even_within_their_horizon() {
     let c = Config::from_toml(

@@ -64,11 +64,14 @@ fn kills_leave_a_clean_ledger() {
     assert_clean(code, &l);
 }
 
-/// Ignored: a release publish that times out while NATS restarts hands its job back (NAK) while
-/// later jobs of the key are released, so the key's order breaks (`reordered` > 0 in every run
-/// so far). Run with `--ignored` once that is fixed.
+/// Ignored until it is reliable. It used to fail every run on order: a release lost with the
+/// broken connection blocked the publish pipeline for the 5 s ack timeout while newer releases of
+/// its key went out. Since partitions hold while the connection is down and settle every publish
+/// in flight before publishing again, two of four runs were clean; one published fewer than all
+/// jobs (the `published` assertion) and one got only one kill in before the jobs drained.
+/// Run with `--ignored`.
 #[test]
-#[ignore = "a release publish failed during a NATS restart reorders its key"]
+#[ignore = "not yet reliable: of four runs on this code two were clean, one published fewer than all jobs, one had only one kill in"]
 fn kills_and_a_nats_restart_leave_a_clean_ledger() {
     let (code, l) = chaos(&[
         "--nats-restarts",
