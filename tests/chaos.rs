@@ -2,9 +2,8 @@
 //!
 //! Each run starts its own nats-server and two `weir run` processes, publishes a few thousand
 //! jobs (hot keys with backlogs that park, cold keys, a few invalid ones) and kills a Weir
-//! process every 2 s while they drain. At this size the kills-only run is clean; the default
-//! 100,000-job run is not (jobs lost under kill -9, reordered by a NATS restart: see the
-//! README's Reliability section).
+//! process every 2 s while they drain. The default 100,000-job runs and their figures are in
+//! the README's Reliability section.
 
 use std::process::Command;
 
