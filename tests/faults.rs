@@ -26,16 +26,6 @@ fn ledger_check(stored: &[Stored], keys: &[&str], per_key: usize) {
     assert_fifo_complete(&by_key(stored.iter().map(|m| &m.payload)), &want);
 }
 
-/// `kill -<sig> <pid>`, without libc.
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill {sig} {pid} failed");
-}
-
 /// Downstream stopped: an operator's `WEIR_RELEASED` is at its message limit with
 /// `discard: new`. Weir holds every job it cannot release (none is acked), backs off, and
 /// releases them all, in order, once there is room.

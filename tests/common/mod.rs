@@ -631,6 +631,16 @@ impl Drop for InProc {
     }
 }
 
+/// `kill -<sig> <pid>` (no libc/nix needed).
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
 /// The `weir` binary as a subprocess.
 pub struct Proc {
     pub http: SocketAddr,
@@ -736,14 +746,9 @@ impl Proc {
         self.child.kill().await.expect("kill -9 weir");
     }
 
-    /// `kill -TERM <pid>` (no libc/nix needed).
+    /// `kill -TERM <pid>`.
     pub fn sigterm(&self) {
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -TERM failed");
+        signal(self.pid(), "-TERM");
     }
 
     /// Waits for the process to exit; `None` if it is still running after `timeout`.
