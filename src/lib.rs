@@ -41,7 +41,8 @@
 //! - [`release`]: pipelined publishing and the released job's headers.
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
 //! - [`poison`]: stored jobs the NATS client cannot read (bad header bytes), found after a
-//!   reconnect and dead-lettered.
+//!   reconnect and dead-lettered; [`stranded`]: stored jobs no consumer delivers (nats-server
+//!   skips subjects with the byte 0x7f), found by a periodic sweep and dead-lettered.
 //! - [`admin`]: the admin HTTP API: health, readiness, limits, keys, and its OpenAPI document.
 //! - [`tls`]: PEM files and the admin API's HTTPS listener.
 //! - [`metrics`]: OpenTelemetry metrics, per-partition recorders cheap enough per job, `GET /metrics`.
@@ -80,6 +81,7 @@ pub mod release;
 pub mod scheduler;
 pub mod shards;
 pub mod signal;
+pub mod stranded;
 pub mod streams;
 pub mod tls;
 pub mod trace;

@@ -282,6 +282,13 @@ pub async fn run(
         metrics.unpartitioned(),
         cancel.clone(),
     ));
+    tracker.spawn(crate::stranded::run(
+        js.clone(),
+        topo.jobs.clone(),
+        config.partitions,
+        metrics.unpartitioned(),
+        cancel.clone(),
+    ));
     tracing::info!(
         partitions = config.partitions,
         http = %config.http_addr,

@@ -147,7 +147,7 @@ fn reason_of<'a>(dead: &'a [Stored], subject: &str) -> &'a str {
 /// Subjects that are not `jobs.<destination>.<key>` with valid tokens: refused by nats-server
 /// (empty tokens) or dead-lettered with a reason naming the problem; then normal jobs flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky: now and then one bad job of partition 0 is never dead-lettered (13 of 14 after 30 s); open in issue 5"]
+
 async fn bad_subjects_are_refused_or_dead_lettered_with_their_reason() {
     let env = Env::start().await;
     let _weir = InProc::start(&env, WEIR).await;

@@ -42,14 +42,26 @@ struct GetReply {
     error: Option<ApiError>,
 }
 
+/// A stored message as the JSON message get shows it.
 #[derive(Deserialize)]
-struct Stored {
-    subject: String,
-    seq: u64,
+pub struct Stored {
+    pub subject: String,
+    pub seq: u64,
     #[serde(default)]
     hdrs: Option<String>,
     #[serde(default)]
     data: Option<String>,
+}
+
+impl Stored {
+    /// The raw header block, if the message has one.
+    pub fn raw_headers(&self) -> Result<Option<Vec<u8>>, SweepError> {
+        Ok(self.hdrs.as_deref().map(|h| B64.decode(h)).transpose()?)
+    }
+
+    pub fn payload(&self) -> Result<Bytes, SweepError> {
+        Ok(Bytes::from(B64.decode(self.data.as_deref().unwrap_or(""))?))
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -96,14 +108,14 @@ pub async fn sweep(
         }
         seq = m.seq + 1;
         out.checked += 1;
-        let hdrs = m.hdrs.as_deref().map(|h| B64.decode(h)).transpose()?;
+        let hdrs = m.raw_headers()?;
         let reason = check_stored(&m.subject, hdrs.as_deref());
         let Err(reason) = reason else { continue };
-        let payload = Bytes::from(B64.decode(m.data.as_deref().unwrap_or(""))?);
+        let payload = m.payload()?;
         let route = job::parse_stored(&m.subject).ok();
         let subject = job::dead_subject(route.as_ref().map(|r| (r.dest, r.key)));
         let max = client.server_info().max_payload;
-        let h = headers(
+        let h = dead_headers(
             &m.subject,
             hdrs.as_deref(),
             &reason,
@@ -130,7 +142,7 @@ fn check_stored(subject: &str, hdrs: Option<&[u8]>) -> Result<(), String> {
 
 /// The dead letter's headers, within the server's `max_payload`: the readable producer headers
 /// and the raw block if they fit, else the raw block alone, else a note of its size.
-fn headers(
+pub fn dead_headers(
     subject: &str,
     raw: Option<&[u8]>,
     reason: &str,
@@ -183,7 +195,23 @@ async fn get(
     seq: u64,
     filter: &str,
 ) -> Result<Option<Stored>, SweepError> {
-    let req = serde_json::json!({ "seq": seq, "next_by_subj": filter });
+    get_json(
+        client,
+        serde_json::json!({ "seq": seq, "next_by_subj": filter }),
+    )
+    .await
+}
+
+/// The message at exactly `seq`, by the JSON message get (no subject filter), or `None` when
+/// it is gone.
+pub async fn get_seq(client: &async_nats::Client, seq: u64) -> Result<Option<Stored>, SweepError> {
+    get_json(client, serde_json::json!({ "seq": seq })).await
+}
+
+async fn get_json(
+    client: &async_nats::Client,
+    req: serde_json::Value,
+) -> Result<Option<Stored>, SweepError> {
     let reply = request(client, "MSG.GET", req).await?;
     let r: GetReply = serde_json::from_slice(&reply)?;
     match (r.message, r.error) {
@@ -194,7 +222,7 @@ async fn get(
 }
 
 /// Deletes `seq` from `WEIR_JOBS`; one already gone (another sweep was first) is no error.
-async fn delete(client: &async_nats::Client, seq: u64) -> Result<(), SweepError> {
+pub async fn delete(client: &async_nats::Client, seq: u64) -> Result<(), SweepError> {
     let reply = request(client, "MSG.DELETE", serde_json::json!({ "seq": seq })).await?;
     let r: DeleteReply = serde_json::from_slice(&reply)?;
     match r.error {
@@ -225,7 +253,7 @@ mod tests {
     #[test]
     fn dead_letter_headers_fit() {
         let raw = b"NATS/1.0\r\nX-Ok: 1\r\nX-Bad: \xff\r\n\r\n";
-        let h = headers("weir.in.0.sms.a", Some(raw), "why", 7, 10, 1 << 20);
+        let h = dead_headers("weir.in.0.sms.a", Some(raw), "why", 7, 10, 1 << 20);
         assert_eq!(h.get("X-Ok").unwrap().as_str(), "1");
         assert_eq!(
             B64.decode(h.get(RAW_HEADERS).unwrap().as_str()).unwrap(),
@@ -234,10 +262,10 @@ mod tests {
         assert_eq!(h.get(header::MSG_ID).unwrap().as_str(), "WEIR_JOBS:7");
         assert_eq!(h.get(header::DEAD_REASON).unwrap().as_str(), "why");
         // No room beside the payload: the raw block only, then only its size.
-        let tight = headers("s", Some(raw), "why", 7, 10, 10 + ROOM + 45);
+        let tight = dead_headers("s", Some(raw), "why", 7, 10, 10 + ROOM + 45);
         assert!(tight.get("X-Ok").is_none());
         assert!(tight.get(RAW_HEADERS).is_some());
-        let none = headers("s", Some(raw), "why", 7, 10, 10 + ROOM);
+        let none = dead_headers("s", Some(raw), "why", 7, 10, 10 + ROOM);
         assert!(none.get(RAW_HEADERS).is_none());
         assert!(none.get("Weir-Raw-Headers-Omitted").is_some());
     }
