@@ -14,6 +14,8 @@
 //! 9. and 10. (`scale`, not run by default: it takes minutes) throughput with 1, 2 and 3 `weir
 //!    run` processes in a group, and the time a hand-over takes on `kill -9` and on SIGTERM
 //!    ([`scale`]).
+//! 11. (`sharq`) the SHARQ-compatible HTTP API under a concurrent load generator: enqueue,
+//!     bulk enqueue, dequeue + finish; requests/s and p99 ([`sharq`]).
 //!
 //! Each NATS measure gets a fresh local nats-server (or, with `--nats-url`, fresh streams).
 
@@ -27,9 +29,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Overrides};
 use crate::natsd::LocalNats;
 
+mod http;
 mod limits;
 mod raw;
 mod scale;
+mod sharq;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -70,9 +74,21 @@ pub struct BenchArgs {
     /// Hand-over samples of `scale`, of each kind (kill -9, SIGTERM).
     #[arg(long, default_value_t = 10)]
     pub handover_runs: usize,
+    /// Concurrent keep-alive connections of the HTTP load generator (`sharq`).
+    #[arg(long, default_value_t = 64)]
+    pub http_concurrency: usize,
+    /// Requests of each single-job kind in `sharq` (enqueue; dequeue + finish).
+    #[arg(long, default_value_t = 50_000)]
+    pub http_requests: u64,
+    /// Jobs per bulk enqueue request in `sharq`.
+    #[arg(long, default_value_t = 1000)]
+    pub bulk_size: u64,
     /// Which measures to run, comma-separated: throughput, rate, latency, memory, limits, caps,
-    /// and scale (not in the default: it runs for several minutes).
-    #[arg(long, default_value = "throughput,rate,latency,memory,limits,caps")]
+    /// sharq, and scale (not in the default: it runs for several minutes).
+    #[arg(
+        long,
+        default_value = "throughput,rate,latency,memory,limits,caps,sharq"
+    )]
     pub only: String,
 }
 
@@ -100,6 +116,9 @@ pub async fn main(a: BenchArgs) -> Result<(), BoxError> {
     }
     if want("caps") {
         limits::cap_lending(10).await?;
+    }
+    if want("sharq") {
+        sharq::run(&a).await?;
     }
     if want("scale") {
         scale::run(&a).await?;

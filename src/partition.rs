@@ -342,7 +342,11 @@ impl Partition {
                     Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
                     Some((res, tag)) = self.pubs.next_ack(), if !self.pubs.is_empty() => self.on_published(res, tag).await,
                     Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op(done),
-                    _ = &mut sleep, if armed.is_some() => { armed = None; self.sched.fire(now()); }
+                    // No release is decided while publishing is held (a refusal's backoff, a
+                    // broken connection, publishes in doubt): decisions taken then would all go
+                    // out together when it ends, a burst far over the key's. Held, a key's bucket
+                    // simply fills; it resumes with at most its burst.
+                    _ = &mut sleep, if armed.is_some() && holding.is_none() && !self.in_doubt => { armed = None; self.sched.fire(now()); }
                     _ = &mut hold, if hold_armed.is_some() => { hold_armed = None; self.backoff.expired(); }
                     _ = sweep.tick() => {
                         let connects = self.nats.connects.load(Relaxed);

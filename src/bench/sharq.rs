@@ -1,0 +1,175 @@
+//! (11) The SHARQ-compatible API under a concurrent HTTP load ([`super::http`]): enqueue one
+//! job a request, enqueue in bulk, and dequeue + finish, against one Weir process on a fresh
+//! nats-server, with requests/s and p50/p99/max latency per request kind.
+//!
+//! The reference is sharq-server 0.2 with gunicorn (2 workers) on Redis, on the same kind of
+//! 2-core machine: 1,200-3,100 enqueue and 750-1,800 dequeue requests/s, p99 160-280 ms.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use hyper::Method;
+use serde_json::{json, Value};
+
+use super::http::{drive, Conn, Figures, Step};
+use super::{config, fresh, start_weir, BenchArgs, BoxError};
+
+/// Queues (keys) the jobs are spread over.
+const QUEUES: u64 = 100;
+
+pub async fn run(a: &BenchArgs) -> Result<(), BoxError> {
+    let (_n, client) = fresh().await?;
+    let js = jetstream::new(client.clone());
+    let addr = free_addr()?;
+    let c = config(
+        a.partitions,
+        &format!(
+            "sharq_listen = \"{addr}\"\n[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000"
+        ),
+    )?;
+    let (stop, h) = start_weir(c, client.clone());
+    wait_up(addr).await?;
+    let conc = a.http_concurrency;
+    let n = a.http_requests;
+
+    let single = drive(addr, conc, n, step(enqueue)).await?;
+    report(
+        &format!("enqueue, 1 job a request, {conc} connections"),
+        &single,
+    );
+    let batch = a.bulk_size;
+    let bulks = (n / batch).max(20);
+    let bulk = drive(addr, conc.min(8), bulks, bulk_step(batch)).await?;
+    report(
+        &format!(
+            "bulk enqueue, {batch} jobs a request, {} connections",
+            conc.min(8)
+        ),
+        &bulk,
+    );
+    println!(
+        "    bulk: {:.0} jobs/s, {:.1}x the single-request enqueue rate",
+        bulk.per_sec() * batch as f64,
+        bulk.per_sec() * batch as f64 / single.per_sec()
+    );
+    // Everything enqueued is released at once (no limit): wait until it is, then drain it.
+    let total = n + bulks * batch;
+    super::wait_count(
+        &js,
+        crate::job::RELEASED_STREAM,
+        total,
+        Duration::from_secs(300),
+    )
+    .await?;
+    let drained = drive(addr, conc, n, step(dequeue_finish)).await?;
+    report(&format!("dequeue + finish, {conc} connections"), &drained);
+    println!(
+        "    p99: enqueue {:.2} ms, dequeue {:.2} ms, finish {:.2} ms (target < 20 ms; SHARQ 160-280 ms)",
+        single.p99_ms("enqueue"),
+        drained.p99_ms("dequeue"),
+        drained.p99_ms("finish")
+    );
+    stop.cancel();
+    h.await?;
+    Ok(())
+}
+
+fn report(what: &str, f: &Figures) {
+    println!(
+        "(11) {what}: {:.0} iterations/s over {:.1} s",
+        f.per_sec(),
+        f.elapsed.as_secs_f64()
+    );
+    for l in f.lines() {
+        println!("    {l}");
+    }
+}
+
+fn step<F, Fut>(f: F) -> Step
+where
+    F: Fn(Conn, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (Conn, Result<(), BoxError>)> + Send + 'static,
+{
+    Arc::new(move |c, i| Box::pin(f(c, i)))
+}
+
+fn job(i: u64) -> Value {
+    json!({"job_id": format!("j{i}"), "payload": {"n": i, "text": "hello from the bench"}, "interval": 0})
+}
+
+async fn enqueue(mut c: Conn, i: u64) -> (Conn, Result<(), BoxError>) {
+    let path = format!("/enqueue/sms/q{}/", i % QUEUES);
+    let body = Bytes::from(job(i).to_string());
+    let r = c.call("enqueue", Method::POST, &path, Some(body)).await;
+    let res = r.and_then(|a| expect(a.status, 201, &a.body));
+    (c, res)
+}
+
+fn bulk_step(batch: u64) -> Step {
+    step(move |mut c: Conn, i: u64| async move {
+        let jobs: Vec<Value> = (0..batch)
+            .map(|j| {
+                let n = 1_000_000_000 + i * batch + j;
+                let mut v = job(n);
+                v["queue_id"] = json!(format!("q{}", n % QUEUES));
+                v
+            })
+            .collect();
+        let body = Bytes::from(json!({ "jobs": jobs }).to_string());
+        let r = c
+            .call("bulk", Method::POST, "/enqueue/sms/bulk/", Some(body))
+            .await;
+        let res = r.and_then(|a| expect(a.status, 201, &a.body));
+        (c, res)
+    })
+}
+
+async fn dequeue_finish(mut c: Conn, _i: u64) -> (Conn, Result<(), BoxError>) {
+    let res = async {
+        let a = c
+            .call("dequeue", Method::GET, "/dequeue/sms/?wait_ms=1000", None)
+            .await?;
+        expect(a.status, 200, &a.body)?;
+        let v: Value = serde_json::from_slice(&a.body)?;
+        let (q, j) = (v["queue_id"].as_str(), v["job_id"].as_str());
+        let (Some(q), Some(j)) = (q, j) else {
+            return Err(format!("dequeue answered {v}").into());
+        };
+        let path = format!("/finish/sms/{q}/{j}/");
+        let a = c.call("finish", Method::POST, &path, None).await?;
+        expect(a.status, 200, &a.body)
+    }
+    .await;
+    (c, res)
+}
+
+fn expect(status: u16, want: u16, body: &[u8]) -> Result<(), BoxError> {
+    match status == want {
+        true => Ok(()),
+        false => Err(format!(
+            "expected {want}, got {status}: {}",
+            String::from_utf8_lossy(body)
+        )
+        .into()),
+    }
+}
+
+fn free_addr() -> Result<SocketAddr, BoxError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+async fn wait_up(addr: SocketAddr) -> Result<(), BoxError> {
+    for _ in 0..200 {
+        if let Ok(mut c) = Conn::open(addr).await {
+            if c.call("hello", Method::GET, "/", None).await.is_ok() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("the SHARQ API did not come up on {addr}").into())
+}
