@@ -64,14 +64,19 @@ impl Member {
     }
 
     pub async fn sigterm(&self) -> Result<(), BoxError> {
-        let pid = self.pid.to_string();
-        let ok = (tokio::process::Command::new("kill").args(["-TERM", &pid]))
-            .status()
-            .await?
-            .success();
-        ok.then_some(())
-            .ok_or_else(|| format!("kill -TERM {pid} failed").into())
+        signal(self.pid, "-TERM").await
     }
+}
+
+/// Sends `sig` (as `kill` takes it: `-TERM`, `-STOP`, `-CONT`) to `pid`. The one place the
+/// benchmark and chaos runs signal a process (no unsafe `libc::kill` under `forbid(unsafe_code)`).
+pub async fn signal(pid: u32, sig: &str) -> Result<(), BoxError> {
+    let ok = (tokio::process::Command::new("kill").args([sig, &pid.to_string()]))
+        .status()
+        .await?
+        .success();
+    ok.then_some(())
+        .ok_or_else(|| format!("kill {sig} {pid} failed").into())
 }
 
 /// `GET path` as JSON (any status), bounded to a second.

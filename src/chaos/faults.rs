@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::bench::BoxError;
 use crate::job::RELEASED_STREAM;
-use crate::members::{get, settled, Member, POLL};
+use crate::members::{get, settled, signal, Member, POLL};
 use crate::natsd::LocalNats;
 
 /// The Weir processes of the run, and what was done to them.
@@ -191,14 +191,6 @@ impl Group {
     }
 }
 
-async fn signal(pid: u32, sig: &str) -> Result<(), BoxError> {
-    let ok = (tokio::process::Command::new("kill").args([sig, &pid.to_string()]))
-        .status()
-        .await?
-        .success();
-    ok.then_some(())
-        .ok_or_else(|| format!("kill {sig} {pid} failed").into())
-}
 
 /// `WEIR_RELEASED`'s last sequence, on a connection of its own (the run's client may still be
 /// backing off its reconnect).
