@@ -511,6 +511,38 @@ async fn admin_api_over_https() {
         Ok(200)
     );
 
+    // `weir status` over HTTPS: trusting the admin API's CA it reports ready; trusting
+    // another CA it fails to connect, naming the URL.
+    let status = |ca: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args([
+                "status",
+                "--json",
+                "--admin-url",
+                &format!("https://{http}"),
+            ])
+            .arg("--admin-ca-file")
+            .arg(ca)
+            .env_remove("WEIR_ADMIN_URL")
+            .output()
+            .expect("run weir status")
+    };
+    let ok = status(&pki.ca);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        out.contains("\"ready\":true") || out.contains("\"ready\": true"),
+        "{out}"
+    );
+    let bad = status(&pki.other_ca);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{err}");
+    assert!(err.contains(&format!("https://{http}")), "{err}");
+
     stop.cancel();
     run.await.expect("task").expect("weir stops cleanly");
 }

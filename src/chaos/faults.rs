@@ -191,7 +191,6 @@ impl Group {
     }
 }
 
-
 /// `WEIR_RELEASED`'s last sequence, on a connection of its own (the run's client may still be
 /// backing off its reconnect).
 async fn released_last_seq(url: &str) -> Option<u64> {

@@ -1,16 +1,19 @@
 //! A small HTTP/1.1 client for the admin API.
 //!
 //! It speaks through hyper's low-level `client::conn::http1`, which axum already brings into
-//! the build: no second HTTP stack, no TLS stack (the admin API serves plain HTTP). One
-//! connection per request is plenty for a command that asks once a second at most, so there is
-//! no pool either.
+//! the build: no second HTTP stack. An `https://` URL goes through tokio-rustls (the admin API
+//! serves HTTPS when `admin_tls_cert_file` is set), trusting `--admin-ca-file` or the system's
+//! roots. One connection per request is plenty for a command that asks once a second at most,
+//! so there is no pool either.
 
+use std::path::Path;
 use std::time::Duration;
 
 use axum::http::{header, Method, Request, Uri};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 /// Why a request got no usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +22,8 @@ pub enum HttpError {
     BadUrl { url: String, fix: &'static str },
     #[error("cannot reach the admin API at {url}: {message}; is `weir run` listening there? (--admin-url, WEIR_ADMIN_URL)")]
     Unreachable { url: String, message: String },
+    #[error("cannot set up TLS for {url}: {message}")]
+    Tls { url: String, message: String },
     #[error("the admin API at {url} did not answer within {secs} s")]
     Timeout { url: String, secs: u64 },
     #[error("the admin API at {url} answered {path} with something that is not JSON: {message}")]
@@ -46,11 +51,29 @@ pub struct AdminClient {
     /// A path prefix, for an API behind a proxy (`http://host/weir`); empty otherwise.
     prefix: String,
     timeout: Duration,
+    /// For `https://`.
+    tls: Option<Tls>,
+}
+
+/// The connector and the name the server's certificate must carry.
+#[derive(Clone)]
+struct Tls(tokio_rustls::TlsConnector, ServerName<'static>);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tls({:?})", self.1)
+    }
 }
 
 impl AdminClient {
     /// `url` is `http://host:port` (the scheme may be left out), optionally with a path prefix.
     pub fn new(url: &str) -> Result<AdminClient, HttpError> {
+        AdminClient::with_ca(url, None)
+    }
+
+    /// As [`AdminClient::new`]; an `https://` URL trusts only the CA in `ca_file` when given,
+    /// else the system's roots.
+    pub fn with_ca(url: &str, ca_file: Option<&Path>) -> Result<AdminClient, HttpError> {
         let bad = |fix| HttpError::BadUrl {
             url: url.to_string(),
             fix,
@@ -62,26 +85,37 @@ impl AdminClient {
             format!("http://{url}")
         };
         let uri: Uri = full.parse().map_err(|_| bad(FIX))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(bad(
-                    "https is not supported: the admin API serves plain HTTP; use http://",
-                ))
-            }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             _ => return Err(bad(FIX)),
-        }
+        };
         let authority = uri.authority().ok_or_else(|| bad(FIX))?;
         if uri.query().is_some() || authority.as_str().contains('@') {
             return Err(bad(FIX));
         }
+        let host = authority.host().trim_matches(['[', ']']).to_string();
+        let tls = match https {
+            false => None,
+            true => {
+                let tls_err = |message| HttpError::Tls {
+                    url: full.clone(),
+                    message,
+                };
+                let config = crate::tls::client_config(ca_file).map_err(tls_err)?;
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|e| tls_err(format!("{host:?} is not a valid server name: {e}")))?;
+                Some(Tls(tokio_rustls::TlsConnector::from(config), name))
+            }
+        };
         Ok(AdminClient {
             url: full.trim_end_matches('/').to_string(),
             authority: authority.to_string(),
-            host: authority.host().trim_matches(['[', ']']).to_string(),
-            port: authority.port_u16().unwrap_or(80),
+            host,
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
             prefix: uri.path().trim_end_matches('/').to_string(),
             timeout: Duration::from_secs(10),
+            tls,
         })
     }
 
@@ -142,11 +176,14 @@ impl AdminClient {
         let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| unreachable(&e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        // The connection task ends with the request: the request asks to close it.
-        tokio::spawn(conn);
+        let mut sender = match &self.tls {
+            None => open(stream).await,
+            Some(Tls(connector, name)) => match connector.connect(name.clone(), stream).await {
+                Ok(tls) => open(tls).await,
+                Err(e) => Err(e.to_string()),
+            },
+        }
+        .map_err(|e| unreachable(&e))?;
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.prefix))
@@ -191,6 +228,18 @@ impl AdminClient {
     }
 }
 
+/// An HTTP/1.1 connection over `io`; its task ends with the request (which asks to close it).
+async fn open<IO>(io: IO) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// The message of an API error answer (`{"error": "..."}`), or the body itself.
 pub fn error_message(answer: &Answer) -> String {
     serde_json::from_str::<serde_json::Value>(&answer.body)
@@ -230,7 +279,9 @@ mod tests {
         );
         let c = AdminClient::new("http://[::1]:9").unwrap();
         assert_eq!(c.host, "::1");
-        for bad in ["https://x:1", "ftp://x", "http://", "http://a b"] {
+        let c = AdminClient::new("https://127.0.0.1/").unwrap();
+        assert_eq!((c.port, c.tls.is_some()), (443, true));
+        for bad in ["ftp://x", "http://", "http://a b"] {
             assert!(AdminClient::new(bad).is_err(), "{bad}");
         }
     }

@@ -17,6 +17,10 @@ pub struct StatusArgs {
     /// The admin API of a running `weir run`.
     #[arg(long, env = "WEIR_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
     pub admin_url: String,
+    /// For an `https://` admin URL: the CA that signed the admin API's certificate (default:
+    /// the system's roots).
+    #[arg(long, env = "WEIR_ADMIN_CA_FILE")]
+    pub admin_ca_file: Option<std::path::PathBuf>,
     /// How many of the busiest keys to list.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub limit: u16,
@@ -27,7 +31,7 @@ pub struct StatusArgs {
 
 /// `weir status`: exits 1 when Weir is not ready or the key is unknown.
 pub async fn main(a: StatusArgs) -> Result<(), CliError> {
-    let client = AdminClient::new(&a.admin_url)?;
+    let client = AdminClient::with_ca(&a.admin_url, a.admin_ca_file.as_deref())?;
     match &a.key {
         Some(key) => key_status(&client, key, a.json).await,
         None => overview(&client, a.limit, a.json).await,

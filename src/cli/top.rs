@@ -32,6 +32,10 @@ pub struct TopArgs {
     /// The admin API of a running `weir run`.
     #[arg(long, env = "WEIR_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
     pub admin_url: String,
+    /// For an `https://` admin URL: the CA that signed the admin API's certificate (default:
+    /// the system's roots).
+    #[arg(long, env = "WEIR_ADMIN_CA_FILE")]
+    pub admin_ca_file: Option<std::path::PathBuf>,
     /// How many keys to show.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub limit: u16,
@@ -63,7 +67,7 @@ impl Sample {
 
 /// `weir top`.
 pub async fn main(a: TopArgs) -> Result<(), CliError> {
-    let client = AdminClient::new(&a.admin_url)?;
+    let client = AdminClient::with_ca(&a.admin_url, a.admin_ca_file.as_deref())?;
     let interval = Duration::from_millis(a.interval_ms);
     let path = format!("/v1/keys?sort=backlog&limit={}", a.limit);
     if a.once {
