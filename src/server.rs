@@ -46,6 +46,8 @@ pub enum RunError {
     Trace(#[from] crate::trace::TraceError),
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    #[error("cannot set up job status: {0}; check that the NATS account allows another KV bucket, or set job_status_retention = \"0\"")]
+    Status(#[from] crate::status::StatusError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -164,6 +166,8 @@ pub async fn run(
     let metrics = Metrics::install("weir")?;
     let traces = Tracing::install("weir")?;
     let store = Store::open(&js, &config).await?;
+    let (status, status_task) =
+        crate::status::StatusStore::open(&js, &config, metrics.job_status_dropped()).await?;
     let m = metrics.clone();
     let (limits, watcher) = store
         .clone()
@@ -220,6 +224,7 @@ pub async fn run(
             metrics: metrics.clone(),
             tracing: traces.clone(),
             registry: registry.clone(),
+            status: status.clone(),
             tracker: tracker.clone(),
             cancel: cancel.clone(),
         },
@@ -251,6 +256,7 @@ pub async fn run(
         },
         inspect,
         limits: store.clone(),
+        status: status.clone(),
         admin_token: config.admin_token.clone(),
     };
     let http_cancel = cancel.clone();
@@ -280,6 +286,7 @@ pub async fn run(
         js.clone(),
         triage,
         metrics.unpartitioned(),
+        status.clone(),
         cancel.clone(),
     ));
     tracing::info!(
@@ -298,6 +305,12 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("grace period over; unacked jobs will be redelivered");
+    }
+    // The status publisher ends once the last clone of the store is gone (the tasks above held
+    // the others): what it still holds goes out before the connection is drained.
+    drop(status);
+    if let Some(t) = status_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     metrics.shutdown();
     traces.shutdown();
