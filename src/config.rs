@@ -761,8 +761,7 @@ burst = 10
             Some(Duration::from_secs(3600))
         );
         let r = |t: &str| {
-            load(&format!("job_status_retention = \"{t}\""))
-                .map(|c| c.job_status_retention)
+            load(&format!("job_status_retention = \"{t}\"")).map(|c| c.job_status_retention)
         };
         assert_eq!(r("0").unwrap(), None);
         assert_eq!(r("0s").unwrap(), None);

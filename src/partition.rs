@@ -516,14 +516,16 @@ impl Partition {
         let dest = route.map_or("", |(d, _)| d);
         self.metrics
             .dead(dest, crate::metrics::dead_reason_kind(&reason));
-        let status = self.status_of(job.headers.as_ref(), JobState::Dead, "", "").map(|mut rec| {
-            let (d, k) = route.unwrap_or_else(|| status::guess_route(&job.subject));
-            (rec.queue_type, rec.queue_id) = (d.to_string(), k.to_string());
-            rec.reason = Some(reason.to_string());
-            rec.queued_at = Some(job.enqueued_ms);
-            rec.dead_at = Some(release::unix_ms());
-            rec
-        });
+        let status = self
+            .status_of(job.headers.as_ref(), JobState::Dead, "", "")
+            .map(|mut rec| {
+                let (d, k) = route.unwrap_or_else(|| status::guess_route(&job.subject));
+                (rec.queue_type, rec.queue_id) = (d.to_string(), k.to_string());
+                rec.reason = Some(reason.to_string());
+                rec.queued_at = Some(job.enqueued_ms);
+                rec.dead_at = Some(release::unix_ms());
+                rec
+            });
         let h = dead::headers(job.headers.take(), &job.subject, &reason, seq);
         let acker = job.acker.take().expect("fresh job");
         if let Err((e, tag)) = self

@@ -191,7 +191,9 @@ impl StatusStore {
         let kv = js
             .create_or_update_key_value(kv::Config {
                 bucket: BUCKET.into(),
-                description: "Weir job status by Weir-Job-Id; entries expire after job_status_retention".into(),
+                description:
+                    "Weir job status by Weir-Job-Id; entries expire after job_status_retention"
+                        .into(),
                 history: 1,
                 max_age: retention,
                 num_replicas: c.replicas,
@@ -239,7 +241,10 @@ impl StatusStore {
         let Some(inner) = &self.inner else { return };
         let Some(key) = kv_key(&rec.job_id) else {
             inner.dropped.fetch_add(1, Relaxed);
-            tracing::debug!(len = rec.job_id.len(), "job id too long or empty for a status key");
+            tracing::debug!(
+                len = rec.job_id.len(),
+                "job id too long or empty for a status key"
+            );
             return;
         };
         let mut subject = String::with_capacity(5 + BUCKET.len() + key.len());
@@ -258,14 +263,10 @@ impl StatusStore {
     pub async fn get(&self, job_id: &str) -> Result<Option<JobRecord>, StatusError> {
         let inner = self.inner.as_ref().ok_or(StatusError::Off)?;
         let key = kv_key(job_id).ok_or(StatusError::BadId { len: job_id.len() })?;
-        let value = inner
-            .kv
-            .get(key)
-            .await
-            .map_err(|e| StatusError::Nats {
-                what: "read",
-                source: Box::new(e),
-            })?;
+        let value = inner.kv.get(key).await.map_err(|e| StatusError::Nats {
+            what: "read",
+            source: Box::new(e),
+        })?;
         value
             .map(|v| serde_json::from_slice(&v))
             .transpose()
@@ -305,7 +306,10 @@ mod tests {
         );
         let back: JobRecord = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);
-        for (s, text) in [(JobState::Dead, "\"dead\""), (JobState::Requeued, "\"requeued\"")] {
+        for (s, text) in [
+            (JobState::Dead, "\"dead\""),
+            (JobState::Requeued, "\"requeued\""),
+        ] {
             assert_eq!(serde_json::to_string(&s).unwrap(), text);
         }
     }

@@ -21,7 +21,8 @@ async fn job_status(http: SocketAddr, id: &str) -> (u16, Value) {
     let (code, body) = http_get(http, &format!("/v1/jobs/{id}"))
         .await
         .expect("GET /v1/jobs");
-    let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{code}: not JSON ({e}): {body}"));
+    let v =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{code}: not JSON ({e}): {body}"));
     (code, v)
 }
 
@@ -70,7 +71,10 @@ async fn a_released_job_shows_both_times() {
         before.saturating_sub(1_000) <= queued && queued <= released && released <= unix_ms(),
         "{v}"
     );
-    assert!(v.get("parked_at").is_none() && v.get("reason").is_none(), "{v}");
+    assert!(
+        v.get("parked_at").is_none() && v.get("reason").is_none(),
+        "{v}"
+    );
     // The released job carries the id on, for the dequeue side.
     let rel = env.read_stream("WEIR_RELEASED").await;
     assert_eq!(rel[0].header("Weir-Job-Id"), Some("3f2a-1"));
@@ -145,7 +149,10 @@ async fn an_unknown_job_is_404_and_a_record_expires_after_the_retention() {
     let (code, v) = job_status(weir.http, "never-seen").await;
     assert_eq!(code, 404, "{v}");
     let e = v["error"].as_str().expect("an error message");
-    assert!(e.contains("never-seen") && e.contains("job_status_retention (1s)"), "{e}");
+    assert!(
+        e.contains("never-seen") && e.contains("job_status_retention (1s)"),
+        "{e}"
+    );
     let (code, v) = job_status(weir.http, &"x".repeat(300)).await;
     assert_eq!(code, 400, "{v}");
 

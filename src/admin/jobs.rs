@@ -45,7 +45,12 @@ pub async fn get(
 /// `1h`, `30m`, `90s`, `1500ms`: the way `job_status_retention` is written.
 fn humantime(d: std::time::Duration) -> String {
     let ms = d.as_millis();
-    for (unit, n) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, n) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms % n == 0 {
             return format!("{}{unit}", ms / n);
         }
