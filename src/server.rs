@@ -300,6 +300,7 @@ pub async fn run(
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
     cancel.cancel();
     tracker.close();
+    let started = tokio::time::Instant::now();
     if tokio::time::timeout(config.shutdown_grace, tracker.wait())
         .await
         .is_err()
@@ -307,10 +308,12 @@ pub async fn run(
         tracing::warn!("grace period over; unacked jobs will be redelivered");
     }
     // The status publisher ends once the last clone of the store is gone (the tasks above held
-    // the others): what it still holds goes out before the connection is drained.
+    // the others): the records it still holds go out before the connection is drained, within
+    // what is left of the grace period.
     drop(status);
     if let Some(t) = status_task {
-        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        let left = config.shutdown_grace.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(left, t).await;
     }
     metrics.shutdown();
     traces.shutdown();
