@@ -5,10 +5,10 @@
 //! connected, the process has joined the group, and every partition it runs has its consumer
 //! bound. `/v1/cluster` shows the group ([`cluster`]).
 //!
-//! The operator's API (`/v1/...`) reads and writes the `WEIR_LIMITS` bucket ([`limits`]) and asks
-//! the partition tasks about keys ([`keys`]). Writes (PUT, DELETE) need
-//! `Authorization: Bearer <token>` when `admin_token` is configured; reads stay open, as they
-//! show figures, never jobs. Every error is JSON, `{"error": "..."}`, saying what was wrong and
+//! The operator's API (`/v1/...`) reads and writes the `WEIR_LIMITS` bucket ([`limits`]), asks
+//! the partition tasks about keys ([`keys`]) and reads jobs' status ([`jobs`]). Writes (PUT,
+//! DELETE) need `Authorization: Bearer <token>` when `admin_token` is configured; reads stay
+//! open, as they show figures and where jobs are, never a job's payload or headers. Every error is JSON, `{"error": "..."}`, saying what was wrong and
 //! how to fix it ([`error`]); a 5xx means NATS failed, never the request.
 //!
 //! The router is built from one table ([`endpoints`]), and a test checks that the committed
@@ -28,6 +28,7 @@ use crate::config::AdminToken;
 
 pub mod cluster;
 pub mod error;
+pub mod jobs;
 pub mod keys;
 pub mod limits;
 
@@ -47,6 +48,8 @@ pub struct AdminState {
     pub inspect: crate::inspect::Partitions,
     /// The `WEIR_LIMITS` bucket.
     pub limits: crate::limits::store::Store,
+    /// Job status (`WEIR_JOB_STATUS`); off when `job_status_retention` is 0.
+    pub status: crate::status::StatusStore,
     /// When set, writes need it as a bearer token.
     pub admin_token: Option<AdminToken>,
 }
@@ -121,6 +124,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(M::GET, "/v1/keys", keys::top),
         ep(M::GET, "/v1/keys/{key}", keys::status),
         ep(M::DELETE, "/v1/keys/{key}/jobs", keys::purge),
+        ep(M::GET, "/v1/jobs/{job_id}", jobs::get),
     ]
 }
 

@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// Jobs per bulk enqueue request in `sharq`.
     #[arg(long, default_value_t = 1000)]
     pub bulk_size: u64,
+    /// Throughput runs with a `Weir-Job-Id` header on every job (the raw ceiling's jobs carry it
+    /// too), so Weir records each job's status: its cost is the ratio's change.
+    #[arg(long)]
+    pub job_ids: bool,
     /// Which measures to run, comma-separated: throughput, rate, latency, memory, limits, caps,
     /// sharq, and scale (not in the default: it runs for several minutes).
     #[arg(
@@ -161,11 +165,30 @@ pub async fn preload(
     keys: u64,
     payload: usize,
 ) -> Result<(), BoxError> {
+    preload_ids(js, prefix, n, keys, payload, false).await
+}
+
+/// [`preload`], with a `Weir-Job-Id` header (`job-<i>`) on every job when `ids`.
+pub async fn preload_ids(
+    js: &Context,
+    prefix: &str,
+    n: u64,
+    keys: u64,
+    payload: usize,
+    ids: bool,
+) -> Result<(), BoxError> {
     let body = bytes::Bytes::from(vec![b'x'; payload]);
     let mut inflight = std::collections::VecDeque::with_capacity(1024);
     for i in 0..n {
         let subject = format!("{prefix}.sms.key-{}", i % keys.max(1));
-        inflight.push_back(js.publish(subject, body.clone()).await?);
+        let ack = if ids {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(crate::job::header::JOB_ID, format!("job-{i}"));
+            js.publish_with_headers(subject, h, body.clone()).await?
+        } else {
+            js.publish(subject, body.clone()).await?
+        };
+        inflight.push_back(ack);
         if inflight.len() >= 1024 {
             inflight.pop_front().expect("non-empty").await?;
         }
@@ -202,7 +225,7 @@ async fn throughput(a: &BenchArgs) -> Result<(), BoxError> {
         let (_n, client) = fresh().await?;
         // The same context settings as Weir's (ack semaphore sized to the windows).
         let js = crate::context(&client, a.partitions, raw::WINDOW);
-        let t = raw::run(&js, a.jobs, a.keys, a.partitions, a.payload).await?;
+        let t = raw::run(&js, a.jobs, a.keys, a.partitions, a.payload, a.job_ids).await?;
         raws.push(a.jobs as f64 / t.as_secs_f64());
 
         let (_n, client) = fresh().await?;
@@ -212,7 +235,7 @@ async fn throughput(a: &BenchArgs) -> Result<(), BoxError> {
             "[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000",
         )?;
         crate::streams::ensure(&js, &c).await?;
-        preload(&js, "jobs", a.jobs, a.keys, a.payload).await?;
+        preload_ids(&js, "jobs", a.jobs, a.keys, a.payload, a.job_ids).await?;
         let start = Instant::now();
         let (stop, h) = start_weir(c, client.clone());
         let done = wait_count(
@@ -238,6 +261,9 @@ async fn throughput(a: &BenchArgs) -> Result<(), BoxError> {
         a.partitions
     );
     println!("(2) weir pass-through, all keys under limit:                   median {w:.0} msgs/s");
+    if a.job_ids {
+        println!("    (every job with a Weir-Job-Id: its status recorded in WEIR_JOB_STATUS)");
+    }
     println!("(3) ratio weir/raw: {:.3}", w / r);
     Ok(())
 }

@@ -22,6 +22,9 @@
 //! so printing a `Config` cannot leak it into logs. `admin_tls_cert_file` and
 //! `admin_tls_key_file` (PEM) make the admin API serve HTTPS only.
 //!
+//! `job_status_retention` (default `"1h"`; `"0"` turns it off) is how long the status of a job
+//! with a `Weir-Job-Id` header is kept ([`crate::status`]).
+//!
 //! The `[nats]` table ([`nats`]) holds NATS authentication (credentials file, NKey, user and
 //! password) and TLS. Like every table it follows the top-level keys in the file.
 
@@ -197,6 +200,9 @@ pub struct Config {
     pub admin_tls: Option<ServerTls>,
     /// NATS authentication and TLS: the `[nats]` table.
     pub nats: NatsSettings,
+    /// How long a job's status ([`crate::status`]) is kept: the `max_age` of `WEIR_JOB_STATUS`.
+    /// `None` (`job_status_retention = "0"`): status is not kept.
+    pub job_status_retention: Option<Duration>,
 }
 
 /// The admin API's bearer token. `Debug` shows `AdminToken(<redacted>)`: a config printed in a
@@ -247,6 +253,7 @@ impl Default for Config {
             admin_token: None,
             admin_tls: None,
             nats: NatsSettings::default(),
+            job_status_retention: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -270,6 +277,7 @@ struct FileConfig {
     admin_token: Option<String>,
     admin_tls_cert_file: Option<std::path::PathBuf>,
     admin_tls_key_file: Option<std::path::PathBuf>,
+    job_status_retention: Option<String>,
     #[serde(default)]
     limits: FileLimits,
     #[serde(default)]
@@ -534,6 +542,11 @@ impl Config {
                 ))
             }
         };
+        if let Some(r) = &file.job_status_retention {
+            c.job_status_retention = parse_retention(r).map_err(|fix| {
+                ConfigError::invalid("job_status_retention", format!("{r:?}"), fix)
+            })?;
+        }
         c.nats = NatsSettings::from_file(file.nats, overrides.nats_password.clone())?;
         if let Some(d) = file.limits.default {
             c.default_limit = parse_limit("limits.default", &d)?;
@@ -589,6 +602,40 @@ fn in_range(field: &str, v: i64, lo: i64, hi: i64, fix: &'static str) -> Result<
     } else {
         Err(ConfigError::invalid(field, v, fix))
     }
+}
+
+/// Longest `job_status_retention`: 30 days.
+const MAX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A retention such as `"1h"`, `"30m"`, `"90s"`, `"1500ms"` or `"7d"`; `"0"` turns status off
+/// (`None`). At least one second: nats-server expires messages on a timer, and a shorter
+/// retention would lose a record before anyone could read it.
+pub fn parse_retention(s: &str) -> Result<Option<Duration>, &'static str> {
+    const FIX: &str = "write a duration such as \"1h\", \"30m\", \"90s\" or \"7d\" (from 1s to 30d), or \"0\" to keep no job status";
+    let s = s.trim();
+    if s == "0" {
+        return Ok(None);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or(FIX)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| FIX)?;
+    let unit_ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(FIX),
+    };
+    let ms = n.checked_mul(unit_ms).ok_or(FIX)?;
+    if ms == 0 {
+        return Ok(None);
+    }
+    let d = Duration::from_millis(ms);
+    if d < Duration::from_secs(1) || d > MAX_RETENTION {
+        return Err(FIX);
+    }
+    Ok(Some(d))
 }
 
 fn parse_limit(field: &str, l: &FileLimit) -> Result<Limit, ConfigError> {
@@ -705,6 +752,30 @@ burst = 10
             .unwrap_err()
             .to_string();
         assert!(e.contains("limits.default.burst"), "{e}");
+    }
+
+    #[test]
+    fn job_status_retention_parses() {
+        assert_eq!(
+            load("").unwrap().job_status_retention,
+            Some(Duration::from_secs(3600))
+        );
+        let r = |t: &str| {
+            load(&format!("job_status_retention = \"{t}\"")).map(|c| c.job_status_retention)
+        };
+        assert_eq!(r("0").unwrap(), None);
+        assert_eq!(r("0s").unwrap(), None);
+        assert_eq!(r("1s").unwrap(), Some(Duration::from_secs(1)));
+        assert_eq!(r("1500ms").unwrap(), Some(Duration::from_millis(1500)));
+        assert_eq!(r("30m").unwrap(), Some(Duration::from_secs(1800)));
+        assert_eq!(r("7d").unwrap(), Some(Duration::from_secs(7 * 86_400)));
+        for bad in ["", "1", "10x", "-1h", "500ms", "31d", "1.5h", "h"] {
+            let e = r(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("job_status_retention") && e.contains("\"0\" to keep no job status"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{self, header, DeadReason};
 use crate::release::Pipeline;
+use crate::status::{JobRecord, JobState, StatusStore};
+use async_nats::jetstream::message::Acker;
 
 /// Longest `Weir-Subject` header written, in bytes: a subject can be as long as the server's
 /// `max_control_line` (4 KiB by default, more if raised), and the dead letter must still fit in
@@ -54,9 +56,11 @@ pub async fn triage(
     js: Context,
     consumer: PullConsumer,
     mut metrics: crate::metrics::PartitionMetrics,
+    status: StatusStore,
     cancel: CancellationToken,
 ) {
-    let mut pubs: Pipeline<async_nats::jetstream::message::Acker> = Pipeline::new(js, 64);
+    // Each dead letter's acker, and its job's status when it has a `Weir-Job-Id`.
+    let mut pubs: Pipeline<(Acker, Option<Box<JobRecord>>)> = Pipeline::new(js, 64);
     // One waiter for the whole run, not one per job.
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
@@ -75,10 +79,15 @@ pub async fn triage(
             tokio::select! {
                 biased;
                 _ = &mut cancelled => break 'bind,
-                Some((res, acker)) = pubs.next_ack(), if !pubs.is_empty() => settle(res.is_ok(), acker).await,
+                Some((res, (acker, rec))) = pubs.next_ack(), if !pubs.is_empty() => {
+                    if let (true, Some(rec)) = (res.is_ok(), rec) {
+                        status.record(&rec);
+                    }
+                    settle(res.is_ok(), acker).await
+                }
                 m = messages.next(), if !pubs.is_full() => match m {
                     Some(Ok(m)) => {
-                        let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                        let Ok((seq, queued_ms)) = m.info().map(|i| (i.stream_sequence, (i.published.unix_timestamp_nanos() / 1_000_000) as u64)) else {
                             // No sequence, no unique message id: hand it back.
                             let (_, acker) = m.split();
                             settle(false, acker).await;
@@ -88,8 +97,9 @@ pub async fn triage(
                         let reason = job::triage(&msg.subject);
                         metrics.dead("", crate::metrics::dead_reason_kind(&reason));
                         tracing::info!(subject = %msg.subject, %reason, "dead-lettering a job");
+                        let rec = dead_record(&status, msg.headers.as_ref(), &msg.subject, &reason, queued_ms);
                         let h = headers(msg.headers, &msg.subject, &reason, seq);
-                        if let Err((_, acker)) = pubs.publish(job::dead_subject(None), h, msg.payload, acker).await {
+                        if let Err((_, (acker, _))) = pubs.publish(job::dead_subject(None), h, msg.payload, (acker, rec)).await {
                             settle(false, acker).await;
                         }
                     }
@@ -99,9 +109,32 @@ pub async fn triage(
             }
         }
     }
-    while let Some((res, acker)) = pubs.next_ack().await {
+    while let Some((res, (acker, rec))) = pubs.next_ack().await {
+        if let (true, Some(rec)) = (res.is_ok(), rec) {
+            status.record(&rec);
+        }
         settle(res.is_ok(), acker).await;
     }
+}
+
+/// The `dead` record of a triaged job with a `Weir-Job-Id` (status on), else `None`.
+fn dead_record(
+    status: &StatusStore,
+    h: Option<&HeaderMap>,
+    subject: &str,
+    reason: &DeadReason,
+    queued_ms: u64,
+) -> Option<Box<JobRecord>> {
+    if !status.is_on() {
+        return None;
+    }
+    let id = crate::status::job_id(h)?;
+    let (dest, key) = crate::status::guess_route(subject);
+    let mut rec = JobRecord::new(id, dest, key, JobState::Dead);
+    rec.reason = Some(reason.to_string());
+    rec.queued_at = Some(queued_ms);
+    rec.dead_at = Some(crate::release::unix_ms());
+    Some(Box::new(rec))
 }
 
 async fn settle(ok: bool, acker: async_nats::jetstream::message::Acker) {

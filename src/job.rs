@@ -30,6 +30,12 @@ pub mod header {
     /// deduplicates producers' ids only within `WEIR_JOBS`' duplicate window, so two stored jobs
     /// may share one, and a release or dead letter carrying it could be dropped as a duplicate.
     pub const PRODUCER_MSG_ID: &str = "Weir-Producer-Msg-Id";
+    /// A job's id, set by its producer: Weir keeps its status ([`crate::status`]) only for jobs
+    /// that carry one.
+    pub const JOB_ID: &str = "Weir-Job-Id";
+    /// On parked jobs with a [`JOB_ID`]: when the job was parked (Unix ms), so that later
+    /// status records can carry it.
+    pub const PARKED_AT: &str = "Weir-Parked-At";
 }
 
 pub const JOBS_STREAM: &str = "WEIR_JOBS";

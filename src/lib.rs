@@ -40,6 +40,8 @@
 //! - [`recover`]: what a partition's previous run left unacked, so order survives a restart.
 //! - [`release`]: pipelined publishing and the released job's headers.
 //! - [`dead`]: dead letters for jobs Weir cannot handle.
+//! - [`status`]: job status by `Weir-Job-Id` in the `WEIR_JOB_STATUS` bucket, written without
+//!   waiting.
 //! - [`poison`]: stored jobs the NATS client cannot read (bad header bytes), found after a
 //!   reconnect and dead-lettered; [`stranded`]: stored jobs no consumer delivers (nats-server
 //!   skips subjects with the byte 0x7f), found by a periodic sweep and dead-lettered.
@@ -81,6 +83,7 @@ pub mod release;
 pub mod scheduler;
 pub mod shards;
 pub mod signal;
+pub mod status;
 pub mod stranded;
 pub mod streams;
 pub mod tls;

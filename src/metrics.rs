@@ -44,6 +44,7 @@
 //! | `weir.limits.updates` | `weir_limits_updates_total` | `weir_limit_kind` |
 //! | `weir.limits.rejected` | `weir_limits_rejected_total` | |
 //! | `weir.key.backlog` (opt-in) | `weir_key_backlog` | `weir_key` |
+//! | `weir.job_status.dropped` | `weir_job_status_dropped_total` | |
 //!
 //! ```no_run
 //! # fn example() -> Result<(), weir::metrics::MetricsError> {
@@ -267,6 +268,12 @@ impl Metrics {
     /// Partitions that each know their own keys use [`PartitionMetrics::set_top_keys`] instead.
     pub fn set_top_keys(&self, keys: Vec<(String, u64)>) {
         self.inner.shared.set_top_keys(None, keys);
+    }
+
+    /// The counter of job status records dropped on a full queue, for
+    /// [`crate::status::StatusStore::open`].
+    pub fn job_status_dropped(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.inner.shared.status_dropped.clone()
     }
 
     /// The Prometheus text exposition of every instrument.

@@ -30,6 +30,7 @@ use crate::limits::Limits;
 use crate::metrics::PartitionMetrics;
 use crate::release::{self, Pipeline};
 use crate::scheduler::{Action, Caps, Held, Offer, Routed, Scheduler};
+use crate::status::{self, JobRecord, JobState, StatusStore};
 use crate::trace::Tracing;
 use crate::{dead, park};
 use governor::nanos::Nanos;
@@ -80,16 +81,23 @@ enum Tag {
         src_seq: u64,
         park_seq: Option<u64>,
         acker: Option<Acker>,
+        status: Status,
     },
     Park {
         key: crate::scheduler::Key,
         src_seq: u64,
         acker: Acker,
+        status: Status,
     },
     Dead {
         acker: Acker,
+        status: Status,
     },
 }
+
+/// The status to record once the publish is acked: only for jobs with a `Weir-Job-Id` (boxed:
+/// `None` for the others keeps the tag small and allocates nothing).
+type Status = Option<Box<JobRecord>>;
 
 /// A read from the park: `(park_seq, src_seq, job)`. Boxed: a job is large, and most ops in
 /// flight are purges.
@@ -177,6 +185,7 @@ pub struct Partition {
     sweeping: Option<bool>,
     /// A handle on the consumer for sweeps (its info is all they read).
     sweeper: Option<PullConsumer>,
+    status: StatusStore,
 }
 
 /// What a partition task is connected to.
@@ -192,6 +201,8 @@ pub struct Links {
     pub stats: Arc<PartitionStats>,
     pub metrics: PartitionMetrics,
     pub tracing: Tracing,
+    /// Job status ([`crate::status`]); off when `job_status_retention` is 0.
+    pub status: StatusStore,
 }
 
 impl Partition {
@@ -205,6 +216,7 @@ impl Partition {
             stats,
             metrics,
             tracing,
+            status,
         } = links;
         stats.limits_revision.store(limits.revision, Relaxed);
         let nats = js.client().statistics();
@@ -231,7 +243,24 @@ impl Partition {
             js,
             sweeping: None,
             sweeper: None,
+            status,
         }
+    }
+
+    /// The record of a job with a `Weir-Job-Id` in `state`; `None` (one header lookup, no
+    /// allocation) for a job without one or when status is off.
+    fn status_of(
+        &self,
+        headers: Option<&HeaderMap>,
+        state: JobState,
+        dest: &str,
+        key: &str,
+    ) -> Status {
+        if !self.status.is_on() {
+            return None;
+        }
+        let id = status::job_id(headers)?;
+        Some(Box::new(JobRecord::new(id, dest, key, state)))
     }
 
     /// Runs until `cancel`, then hands back what it holds; the caller bounds the whole by the
@@ -455,6 +484,14 @@ impl Partition {
 
     async fn park(&mut self, key: crate::scheduler::Key, dest: &str, seq: u64, mut job: Job) {
         let mut h = job.headers.take().unwrap_or_default();
+        let mut status = self.status_of(Some(&h), JobState::Parked, dest, &key);
+        if let Some(rec) = status.as_mut() {
+            let at = release::unix_ms();
+            rec.queued_at = Some(job.enqueued_ms);
+            rec.parked_at = Some(at);
+            // Carried on, so that the records written at release and after can show it.
+            h.insert(header::PARKED_AT, at.to_string());
+        }
         release::stamp(&mut h, &key, dest, job.enqueued_ms, || {
             job::derived_msg_id(seq)
         });
@@ -465,6 +502,7 @@ impl Partition {
             key,
             src_seq: seq,
             acker,
+            status,
         };
         if let Err((e, tag)) = self.pubs.publish(subject, h, job.payload, tag).await {
             self.on_published(Err(e), tag).await;
@@ -482,11 +520,21 @@ impl Partition {
         let dest = route.map_or("", |(d, _)| d);
         self.metrics
             .dead(dest, crate::metrics::dead_reason_kind(&reason));
+        let status = self
+            .status_of(job.headers.as_ref(), JobState::Dead, "", "")
+            .map(|mut rec| {
+                let (d, k) = route.unwrap_or_else(|| status::guess_route(&job.subject));
+                (rec.queue_type, rec.queue_id) = (d.to_string(), k.to_string());
+                rec.reason = Some(reason.to_string());
+                rec.queued_at = Some(job.enqueued_ms);
+                rec.dead_at = Some(release::unix_ms());
+                rec
+            });
         let h = dead::headers(job.headers.take(), &job.subject, &reason, seq);
         let acker = job.acker.take().expect("fresh job");
         if let Err((e, tag)) = self
             .pubs
-            .publish(subject, h, job.payload, Tag::Dead { acker })
+            .publish(subject, h, job.payload, Tag::Dead { acker, status })
             .await
         {
             self.on_published(Err(e), tag).await;
@@ -578,6 +626,14 @@ impl Partition {
             self.tracing
                 .hold(&mut h, &dest, &key, enqueued_ms, released_ms);
         }
+        let mut status = self.status_of(Some(&h), JobState::Released, &dest, &key);
+        if let Some(rec) = status.as_mut() {
+            rec.queued_at = Some(enqueued_ms);
+            rec.released_at = Some(released_ms);
+            rec.parked_at = h
+                .get(header::PARKED_AT)
+                .and_then(|v| v.as_str().parse().ok());
+        }
         let subject = job::released_subject(&dest, &key);
         release::stamp_released(&mut h, released_ms);
         let tag = Tag::Release {
@@ -585,6 +641,7 @@ impl Partition {
             src_seq,
             park_seq,
             acker: job.acker,
+            status,
         };
         if let Err((e, tag)) = self.pubs.publish(subject, h, job.payload, tag).await {
             self.on_published(Err(e), tag).await;
@@ -644,7 +701,9 @@ impl Partition {
                 src_seq,
                 park_seq,
                 acker,
+                status,
             } => {
+                self.record(ok, status);
                 if let Some(a) = acker {
                     if ok {
                         ack(a).await
@@ -659,7 +718,9 @@ impl Partition {
                 key,
                 src_seq,
                 acker,
+                status,
             } => {
+                self.record(ok, status);
                 if ok {
                     ack(acker).await
                 } else {
@@ -668,13 +729,21 @@ impl Partition {
                 }
                 self.sched.parked(&key, ok, now());
             }
-            Tag::Dead { acker } => {
+            Tag::Dead { acker, status } => {
+                self.record(ok, status);
                 if ok {
                     ack(acker).await
                 } else {
                     nak(acker, retry).await
                 }
             }
+        }
+    }
+
+    /// Records a job's status once the publish that moved it is acked.
+    fn record(&self, ok: bool, status: Status) {
+        if let (true, Some(rec)) = (ok, status) {
+            self.status.record(&rec);
         }
     }
 

@@ -46,6 +46,8 @@ pub enum RunError {
     Trace(#[from] crate::trace::TraceError),
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    #[error("cannot set up job status: {0}; check that the NATS account allows another KV bucket, or set job_status_retention = \"0\"")]
+    Status(#[from] crate::status::StatusError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -164,6 +166,8 @@ pub async fn run(
     let metrics = Metrics::install("weir")?;
     let traces = Tracing::install("weir")?;
     let store = Store::open(&js, &config).await?;
+    let (status, status_task) =
+        crate::status::StatusStore::open(&js, &config, metrics.job_status_dropped()).await?;
     let m = metrics.clone();
     let (limits, watcher) = store
         .clone()
@@ -220,6 +224,7 @@ pub async fn run(
             metrics: metrics.clone(),
             tracing: traces.clone(),
             registry: registry.clone(),
+            status: status.clone(),
             tracker: tracker.clone(),
             cancel: cancel.clone(),
         },
@@ -251,6 +256,7 @@ pub async fn run(
         },
         inspect,
         limits: store.clone(),
+        status: status.clone(),
         admin_token: config.admin_token.clone(),
     };
     let http_cancel = cancel.clone();
@@ -280,6 +286,7 @@ pub async fn run(
         js.clone(),
         triage,
         metrics.unpartitioned(),
+        status.clone(),
         cancel.clone(),
     ));
     tracker.spawn(crate::stranded::run(
@@ -300,11 +307,20 @@ pub async fn run(
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
     cancel.cancel();
     tracker.close();
+    let started = tokio::time::Instant::now();
     if tokio::time::timeout(config.shutdown_grace, tracker.wait())
         .await
         .is_err()
     {
         tracing::warn!("grace period over; unacked jobs will be redelivered");
+    }
+    // The status publisher ends once the last clone of the store is gone (the tasks above held
+    // the others): the records it still holds go out before the connection is drained, within
+    // what is left of the grace period.
+    drop(status);
+    if let Some(t) = status_task {
+        let left = config.shutdown_grace.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(left, t).await;
     }
     metrics.shutdown();
     traces.shutdown();

@@ -33,6 +33,8 @@ pub struct Deps {
     pub metrics: Metrics,
     pub tracing: Tracing,
     pub registry: Arc<Registry>,
+    /// Job status ([`crate::status`]).
+    pub status: crate::status::StatusStore,
     pub tracker: TaskTracker,
     /// The process's shutdown: every partition's token is a child of it.
     pub cancel: CancellationToken,
@@ -96,6 +98,7 @@ impl Shards {
         let (js, jobs, park) = (d.js.clone(), d.topo.jobs.clone(), d.topo.park.clone());
         let (config, limits, caps) = (d.config.clone(), d.limits.clone(), d.caps.clone());
         let (metrics, tracing) = (d.metrics.partition(p), d.tracing.clone());
+        let status = d.status.clone();
         let stats = self.inner.stats[p as usize].clone();
         let cancel = token.clone();
         let handle = d.tracker.spawn(async move {
@@ -122,6 +125,7 @@ impl Shards {
                 stats,
                 metrics,
                 tracing,
+                status,
             };
             Partition::new(p, links, &config)
                 .run(consumer, cancel, reset)

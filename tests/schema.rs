@@ -14,6 +14,8 @@ use std::time::Duration;
 use common::*;
 
 const TOKEN: &str = "schema-test-token";
+/// The `job_id` example of openapi.json.
+const JOB_ID: &str = "3f2a9c1e-5b7d-4e1a-9f00-1c2d3e4f5a6b";
 const BASE: &str = "partitions = 2\n[limits.default]\nrate = \"50/s\"\nburst = 5\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,6 +28,23 @@ async fn the_admin_api_conforms_to_its_openapi_document() {
     // Something to look at: a key with jobs held, so /v1/keys has entries.
     env.publish_all((0..20).map(|i| Job::seq("sms", "acme", i)), 32)
         .await;
+    // And a job with the id of openapi.json's example, so GET /v1/jobs/{job_id} answers 200.
+    let mut job = Job::seq("sms", "tracked", 0);
+    let mut h = async_nats::header::HeaderMap::new();
+    h.insert("Weir-Job-Id", JOB_ID);
+    job.headers = Some(h);
+    env.publish_all([job], 1).await;
+    eventually(
+        "the example job's status",
+        Duration::from_secs(10),
+        || async {
+            match http_get(weir.http, &format!("/v1/jobs/{JOB_ID}")).await {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
 
     let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
     let report = tempfile::tempdir().expect("temp dir");

@@ -14,7 +14,7 @@ use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, Sub
 use async_nats::jetstream::Context;
 use futures::StreamExt;
 
-use super::{preload, wait_count, BoxError};
+use super::{preload_ids, wait_count, BoxError};
 use crate::release::Pipeline;
 
 /// Publish acks in flight per partition: Weir's default `publish_window`.
@@ -28,6 +28,7 @@ pub async fn run(
     keys: u64,
     partitions: u16,
     payload: usize,
+    ids: bool,
 ) -> Result<Duration, BoxError> {
     let input = js
         .create_stream(StreamConfig {
@@ -47,7 +48,7 @@ pub async fn run(
         ..Default::default()
     })
     .await?;
-    preload(js, "raw", n, keys, payload).await?;
+    preload_ids(js, "raw", n, keys, payload, ids).await?;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for p in 0..partitions {

@@ -108,6 +108,8 @@ pub(super) struct Shared {
     pub(super) top_n: AtomicUsize,
     /// Top-key lists: the process-wide one under `None`, each partition's under its id.
     top_keys: Mutex<HashMap<Option<u16>, KeyList>>,
+    /// Job status records dropped on a full queue ([`crate::status`]).
+    pub(super) status_dropped: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -234,6 +236,13 @@ pub(super) fn register_observables(meter: &Meter, shared: &Arc<Shared>) {
         .with_unit("{job}")
         .with_description("Jobs dead-lettered, by reason")
         .with_callback(move |o: &dyn AsyncInstrument<u64>| s.dead(|v, a| o.observe(v, a)))
+        .build();
+    let dropped = shared.status_dropped.clone();
+    meter
+        .u64_observable_counter("weir.job_status.dropped")
+        .with_unit("{record}")
+        .with_description("Job status records dropped because the queue to NATS was full (NATS slow or away); the jobs themselves were not affected")
+        .with_callback(move |o: &dyn AsyncInstrument<u64>| o.observe(dropped.load(Relaxed), &[]))
         .build();
     type PartField = fn(&PartitionCells) -> &AtomicU64;
     // Per-partition instruments: (name, is a counter (else a gauge), unit, help, cell).
