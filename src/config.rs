@@ -36,7 +36,9 @@ use crate::job;
 use crate::tls::{self, ServerTls};
 
 pub mod nats;
+pub mod sharq;
 pub use nats::NatsSettings;
+pub use sharq::SharqSettings;
 
 /// The exit code for an invalid configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -197,6 +199,8 @@ pub struct Config {
     pub admin_tls: Option<ServerTls>,
     /// NATS authentication and TLS: the `[nats]` table.
     pub nats: NatsSettings,
+    /// The SHARQ-compatible API: `sharq_listen` and its companions ([`sharq`]).
+    pub sharq: SharqSettings,
 }
 
 /// The admin API's bearer token. `Debug` shows `AdminToken(<redacted>)`: a config printed in a
@@ -247,6 +251,7 @@ impl Default for Config {
             admin_token: None,
             admin_tls: None,
             nats: NatsSettings::default(),
+            sharq: SharqSettings::default(),
         }
     }
 }
@@ -270,6 +275,9 @@ struct FileConfig {
     admin_token: Option<String>,
     admin_tls_cert_file: Option<std::path::PathBuf>,
     admin_tls_key_file: Option<std::path::PathBuf>,
+    sharq_listen: Option<String>,
+    sharq_job_expire_interval: Option<i64>,
+    sharq_default_requeue_limit: Option<i64>,
     #[serde(default)]
     limits: FileLimits,
     #[serde(default)]
@@ -535,6 +543,11 @@ impl Config {
             }
         };
         c.nats = NatsSettings::from_file(file.nats, overrides.nats_password.clone())?;
+        c.sharq = SharqSettings::from_file(
+            file.sharq_listen,
+            file.sharq_job_expire_interval,
+            file.sharq_default_requeue_limit,
+        )?;
         if let Some(d) = file.limits.default {
             c.default_limit = parse_limit("limits.default", &d)?;
         }
