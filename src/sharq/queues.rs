@@ -36,6 +36,9 @@ use crate::limits::{Entry, LimitJson, Limits, Source};
 
 pub use super::counters::Counters;
 
+/// How long an enqueue waits for a changed interval to be in force.
+const APPLY_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a queue length is reused.
 pub const FRESH: Duration = Duration::from_millis(250);
 
@@ -101,6 +104,16 @@ impl Intervals {
             .lock()
             .expect("lock")
             .insert(queue_id.to_string(), (want, rev));
+        // Until the partitions have the new limit, a job published now could leave under the
+        // old one: wait (briefly; only when an interval changes) for the watcher to apply it.
+        let mut seen = self.limits.clone();
+        let applied = seen.wait_for(|t| t.revision >= rev);
+        if tokio::time::timeout(APPLY_WAIT, applied).await.is_err() {
+            tracing::warn!(
+                queue_id,
+                "a new interval was not applied within 2 s; enqueueing anyway"
+            );
+        }
         Ok(())
     }
 
