@@ -86,6 +86,8 @@ pub struct Dequeue {
     js: Context,
     settings: SharqSettings,
     feeders: tokio::sync::Mutex<HashMap<String, Arc<Feeder>>>,
+    /// The same feeders, for the request path's lookup without an async lock.
+    ready: std::sync::RwLock<HashMap<String, Arc<Feeder>>>,
     inflight: Arc<Mutex<HashMap<String, Held>>>,
     status: Arc<dyn StatusHook>,
     tracker: TaskTracker,
@@ -126,6 +128,7 @@ impl Dequeue {
             js,
             settings,
             feeders: Default::default(),
+            ready: Default::default(),
             inflight,
             status,
             tracker,
@@ -135,6 +138,10 @@ impl Dequeue {
 
     /// The type's feeder, with its consumer made (once) and its task started.
     async fn feeder(&self, queue_type: &str) -> Result<Arc<Feeder>, String> {
+        if let Some(f) = self.ready.read().expect("lock").get(queue_type) {
+            return Ok(f.clone());
+        }
+        // The type's first dequeue: one request makes the consumer, the others wait for it.
         let mut feeders = self.feeders.lock().await;
         if let Some(f) = feeders.get(queue_type) {
             return Ok(f.clone());
@@ -146,6 +153,10 @@ impl Dequeue {
             room: Notify::new(),
         });
         feeders.insert(queue_type.to_string(), f.clone());
+        self.ready
+            .write()
+            .expect("lock")
+            .insert(queue_type.to_string(), f.clone());
         let feed = Feed {
             feeder: f.clone(),
             consumer,
@@ -239,7 +250,14 @@ impl Feed {
                     _ = tick.tick() => self.refresh().await,
                     m = batch.next() => match m {
                         Some(Ok(m)) => self.accept(m).await,
-                        Some(Err(e)) => tracing::debug!(error = %e, "pull error"),
+                        Some(Err(e)) => {
+                            // A broken pull (NATS away): pull again shortly, never spin.
+                            tracing::debug!(error = %e, "pull error");
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_millis(100)) => break,
+                            }
+                        }
                         None => break,
                     },
                 }

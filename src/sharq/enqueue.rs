@@ -201,7 +201,7 @@ pub async fn single(
     }
     let v = match parse_body(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(m) => return failure(StatusCode::BAD_REQUEST, m),
     };
     let p = match parse_job(
         &v,
@@ -266,7 +266,7 @@ pub async fn bulk(
     }
     let v = match parse_body(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(m) => return failure(StatusCode::BAD_REQUEST, m),
     };
     let Some(items) = v.get("jobs").and_then(Value::as_array) else {
         return failure(

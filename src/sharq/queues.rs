@@ -205,13 +205,11 @@ async fn count(stream: &Stream, subject: &str) -> Result<u64, String> {
     Ok(n)
 }
 
-fn ids(path: Result<Path<(String, String)>, PathRejection>) -> Result<(String, String), Response> {
+fn ids(path: Result<Path<(String, String)>, PathRejection>) -> Result<(String, String), String> {
     let Ok(Path((t, q))) = path else {
-        return Err(failure(StatusCode::BAD_REQUEST, "bad path"));
+        return Err("bad path".into());
     };
-    check_id("queue_type", &t)
-        .and_then(|()| check_id("queue_id", &q))
-        .map_err(|m| failure(StatusCode::BAD_REQUEST, m))?;
+    check_id("queue_type", &t).and_then(|()| check_id("queue_id", &q))?;
     Ok((t, q))
 }
 
@@ -224,11 +222,11 @@ pub async fn interval(
 ) -> Response {
     let (_, queue_id) = match ids(path) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(m) => return failure(StatusCode::BAD_REQUEST, m),
     };
     let v = match parse_body(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(m) => return failure(StatusCode::BAD_REQUEST, m),
     };
     let Some(interval) = v.get("interval").and_then(|i| i.as_u64()) else {
         return failure(
@@ -278,7 +276,7 @@ pub async fn metrics_queue(
 ) -> Response {
     let (t, q) = match ids(path) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(m) => return failure(StatusCode::BAD_REQUEST, m),
     };
     let len = match s.lengths.get(&t, &q).await {
         Ok(n) => n,
@@ -305,11 +303,11 @@ pub async fn delete_queue(
 ) -> Response {
     let (t, q) = match ids(path) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(m) => return failure(StatusCode::BAD_REQUEST, m),
     };
     let v = match parse_body(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(m) => return failure(StatusCode::BAD_REQUEST, m),
     };
     let purge_all = v
         .get("purge_all")
