@@ -39,6 +39,7 @@ use crate::config::SharqSettings;
 pub mod counters;
 pub mod dequeue;
 pub mod enqueue;
+mod feed;
 pub mod queues;
 
 pub use enqueue::Publisher;

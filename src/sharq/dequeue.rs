@@ -2,7 +2,7 @@
 //!
 //! Each `queue_type` has one durable pull consumer on `WEIR_RELEASED` (`sharq-<queue_type>`,
 //! filter `released.<queue_type>.>`, `ack_wait` = `sharq_job_expire_interval`), created at the
-//! type's first dequeue. A feeder task keeps up to [`BUFFER`] of its jobs prefetched, so a
+//! type's first dequeue. A feeder task (module `feed`) keeps up to [`BUFFER`] of its jobs prefetched, so a
 //! dequeue takes one from memory with no NATS round trip; `?wait_ms=` waits for one. Buffered
 //! jobs get a progress ack (`+WPI`) before a third of `ack_wait` passes, so waiting in the buffer
 //! neither expires them nor spends their requeues, and a job handed out late gets one too, so a
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::message::{Acker, Message};
+use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::stream::Stream;
 use async_nats::jetstream::{AckKind, Context};
 use axum::extract::rejection::PathRejection;
@@ -30,7 +30,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +37,6 @@ use tokio_util::task::TaskTracker;
 
 use super::{check_id, failure, not_found, JobEvent, JobState, SharqState, StatusHook};
 use crate::config::SharqSettings;
-use crate::job::header as h;
 
 /// Jobs prefetched per queue type.
 pub const BUFFER: usize = 256;
@@ -49,27 +47,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// The dead-letter reason of a job past its requeue limit.
 pub const REQUEUE_LIMIT_REASON: &str = "requeue-limit";
 /// Room kept before a delivery's `ack_wait` runs out.
-const MARGIN: Duration = Duration::from_millis(200);
-
-/// A released job ready to hand out.
-struct Ready {
-    msg: Message,
-    /// When its `ack_wait` (last) started, as far as Weir knows.
-    got: Instant,
-    queue_id: String,
-    job_id: String,
-    requeues: u32,
-    requeues_remaining: i64,
-    enqueued_at: Option<u64>,
-    released_at: Option<u64>,
-}
-
-/// One queue type's prefetched jobs.
-struct Feeder {
-    buf: Mutex<VecDeque<Ready>>,
-    arrived: Notify,
-    room: Notify,
-}
+pub(super) const MARGIN: Duration = Duration::from_millis(200);
+use super::feed::{Feed, Feeder, Ready};
 
 /// A job handed out.
 struct Held {
@@ -200,188 +179,6 @@ impl Dequeue {
                 .map_err(|e| err(&e));
         }
         Ok(c)
-    }
-}
-
-/// A feeder's task and what it needs.
-struct Feed {
-    feeder: Arc<Feeder>,
-    consumer: PullConsumer,
-    queue_type: String,
-    js: Context,
-    ack_wait: Duration,
-    default_limit: i64,
-    status: Arc<dyn StatusHook>,
-}
-
-impl Feed {
-    async fn run(self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(self.ack_wait / 6);
-        loop {
-            let room = BUFFER - self.feeder.buf.lock().expect("lock").len();
-            if room < BUFFER / 2 {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = self.feeder.room.notified() => {}
-                    _ = tick.tick() => self.refresh().await,
-                }
-                continue;
-            }
-            let batch = self
-                .consumer
-                .batch()
-                .max_messages(room)
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(queue_type = %self.queue_type, error = %e, "cannot pull released jobs; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick() => self.refresh().await,
-                    m = batch.next() => match m {
-                        Some(Ok(m)) => self.accept(m).await,
-                        Some(Err(e)) => {
-                            // A broken pull (NATS away): pull again shortly, never spin.
-                            tracing::debug!(error = %e, "pull error");
-                            tokio::select! {
-                                _ = cancel.cancelled() => return,
-                                _ = tokio::time::sleep(Duration::from_millis(100)) => break,
-                            }
-                        }
-                        None => break,
-                    },
-                }
-            }
-        }
-    }
-
-    /// Progress acks for buffered jobs a third of the way to their `ack_wait`.
-    async fn refresh(&self) {
-        let due: Vec<Message> = {
-            let mut b = self.feeder.buf.lock().expect("lock");
-            let now = Instant::now();
-            b.iter_mut()
-                .filter(|r| now - r.got > self.ack_wait / 3)
-                .map(|r| {
-                    r.got = now;
-                    r.msg.clone()
-                })
-                .collect()
-        };
-        for m in due {
-            let _ = m.ack_with(AckKind::Progress).await;
-        }
-    }
-
-    /// Buffers a delivered job, or dead-letters it when its requeues are used up.
-    async fn accept(&self, m: Message) {
-        let got = Instant::now();
-        let Ok((delivered, seq)) = m.info().map(|i| (i.delivered.max(1), i.stream_sequence)) else {
-            return;
-        };
-        let hdr = |name: &str| {
-            m.headers
-                .as_ref()
-                .and_then(|hm| hm.get(name))
-                .map(|v| v.as_str().to_string())
-        };
-        let limit = hdr("Weir-Requeue-Limit")
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(self.default_limit);
-        let job_id = hdr("Weir-Job-Id").unwrap_or_else(|| seq.to_string());
-        let queue_id = m
-            .subject
-            .strip_prefix("released.")
-            .and_then(|r| r.split_once('.'))
-            .map_or(String::new(), |(_, q)| q.to_string());
-        let requeues = (delivered - 1) as u32;
-        let time = |name| hdr(name).and_then(|v| v.parse().ok());
-        let event = |state, reason| JobEvent {
-            job_id: &job_id,
-            queue_type: &self.queue_type,
-            queue_id: &queue_id,
-            state,
-            requeues,
-            reason,
-            at_ms: super::now_ms(),
-            enqueued_at: time(h::ENQUEUED_AT),
-            released_at: time(h::RELEASED_AT),
-        };
-        if limit >= 0 && i64::from(requeues) > limit {
-            let reason = format!("{REQUEUE_LIMIT_REASON}: not finished after {delivered} deliveries (requeue_limit {limit})");
-            let headers = crate::dead::headers_with(
-                m.headers.clone(),
-                &m.subject,
-                &reason,
-                format!("{}:{seq}", crate::job::RELEASED_STREAM),
-            );
-            let subject = crate::job::dead_subject(Some((&self.queue_type, &queue_id)));
-            let stored = match self
-                .js
-                .publish_with_headers(subject, headers, m.payload.clone())
-                .await
-            {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
-            };
-            if stored {
-                let _ = m.ack().await;
-                tracing::info!(%job_id, queue_type = %self.queue_type, %queue_id, "requeue limit reached: dead-lettered");
-                self.status
-                    .record(&event(JobState::Dead, Some(REQUEUE_LIMIT_REASON)));
-            } else {
-                let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-            }
-            return;
-        }
-        if requeues > 0 {
-            self.status.record(&event(JobState::Requeued, None));
-        }
-        let ready = Ready {
-            got,
-            requeues_remaining: if limit < 0 {
-                -1
-            } else {
-                limit - i64::from(requeues)
-            },
-            requeues,
-            enqueued_at: time(h::ENQUEUED_AT),
-            released_at: time(h::RELEASED_AT),
-            queue_id,
-            job_id,
-            msg: m,
-        };
-        self.feeder.buf.lock().expect("lock").push_back(ready);
-        self.feeder.arrived.notify_one();
-    }
-}
-
-impl Feeder {
-    /// The oldest buffered job still well within its `ack_wait` (older ones are left to
-    /// JetStream's redelivery).
-    fn pop(&self, ack_wait: Duration) -> Option<Ready> {
-        let mut b = self.buf.lock().expect("lock");
-        let out = loop {
-            match b.pop_front() {
-                Some(r) if r.got.elapsed() + MARGIN < ack_wait => break Some(r),
-                Some(_) => continue,
-                None => break None,
-            }
-        };
-        if b.len() < BUFFER / 2 {
-            self.room.notify_one();
-        }
-        out
     }
 }
 

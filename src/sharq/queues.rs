@@ -4,8 +4,8 @@
 //! An interval of `i` ms is the key's limit: `1000/i` per second with burst 1, SHARQ's strict
 //! spacing. Weir's rates are whole counts per second, minute or hour, so an interval dividing
 //! neither 1 s nor 1 min is rounded to the nearest count per hour (an interval of 7 ms becomes
-//! 514286/h, 1.0000003 × the asked spacing); intervals over an hour become 1/h; 0 is the
-//! highest rate Weir takes (10^9/s: unlimited). Limits are per key, so two queue types sharing a
+//! 514286/h, 1.0000003 × the asked spacing); intervals over an hour become 1/h; 0 is
+//! 1,000,000/s: unlimited in practice. Limits are per key, so two queue types sharing a
 //! `queue_id` share its interval.
 //!
 //! The queue length (`current_queue_length`, `queue_length`) counts the queue's jobs that
@@ -42,10 +42,14 @@ const APPLY_WAIT: Duration = Duration::from_secs(2);
 /// How long a queue length is reused.
 pub const FRESH: Duration = Duration::from_millis(250);
 
+/// Jobs per second for an interval of 0: far beyond any worker pool, and a period (1 µs) a GCRA
+/// bucket can still be drained in.
+pub const UNLIMITED: u32 = 1_000_000;
+
 /// The limit an interval stands for.
 pub fn limit_of(interval_ms: u64) -> Limit {
     let (count, per) = match interval_ms {
-        0 => (1_000_000_000, 1),
+        0 => (UNLIMITED, 1),
         i if 1000 % i == 0 => ((1000 / i) as u32, 1),
         i if 60_000 % i == 0 => ((60_000 / i) as u32, 60),
         i => ((((3_600_000 + i / 2) / i) as u32).max(1), 3600),
@@ -370,7 +374,7 @@ mod tests {
         assert_eq!(r(100), "10/s");
         assert_eq!(r(5000), "12/m");
         assert_eq!(r(7), "514286/h");
-        assert_eq!(r(0), "1000000000/s");
+        assert_eq!(r(0), "1000000/s");
         assert_eq!(r(10_000_000), "1/h");
         assert_eq!(limit_of(250).rate.period(), Duration::from_millis(250));
     }
