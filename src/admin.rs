@@ -26,6 +26,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::AdminToken;
 
+pub mod batch;
 pub mod cluster;
 pub mod error;
 pub mod jobs;
@@ -52,6 +53,10 @@ pub struct AdminState {
     pub status: crate::status::StatusStore,
     /// When set, writes need it as a bearer token.
     pub admin_token: Option<AdminToken>,
+    /// Publishes `POST /v1/jobs:batch` ([`batch`]).
+    pub jobs: crate::sharq::Publisher,
+    /// The requeue limit of a batch job that names none (`sharq_default_requeue_limit`).
+    pub default_requeue_limit: i64,
 }
 
 /// One route: a method on a path, and its handler.
@@ -125,6 +130,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(M::GET, "/v1/keys/{key}", keys::status),
         ep(M::DELETE, "/v1/keys/{key}/jobs", keys::purge),
         ep(M::GET, "/v1/jobs/{job_id}", jobs::get),
+        ep(M::POST, "/v1/jobs:batch", batch::batch),
     ]
 }
 
@@ -137,6 +143,8 @@ pub fn router(state: AdminState) -> Router {
         // Only on matched routes, so an unknown path is a 404 and a wrong method a 405 whether
         // or not a token came with it.
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // A full batch of jobs is larger than axum's 2 MB default.
+        .layer(axum::extract::DefaultBodyLimit::max(crate::sharq::MAX_BODY))
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -39,7 +39,9 @@ use crate::job;
 use crate::tls::{self, ServerTls};
 
 pub mod nats;
+pub mod sharq;
 pub use nats::NatsSettings;
+pub use sharq::SharqSettings;
 
 /// The exit code for an invalid configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -203,6 +205,8 @@ pub struct Config {
     /// How long a job's status ([`crate::status`]) is kept: the `max_age` of `WEIR_JOB_STATUS`.
     /// `None` (`job_status_retention = "0"`): status is not kept.
     pub job_status_retention: Option<Duration>,
+    /// The SHARQ-compatible API: `sharq_listen` and its companions ([`sharq`]).
+    pub sharq: SharqSettings,
 }
 
 /// The admin API's bearer token. `Debug` shows `AdminToken(<redacted>)`: a config printed in a
@@ -254,6 +258,7 @@ impl Default for Config {
             admin_tls: None,
             nats: NatsSettings::default(),
             job_status_retention: Some(Duration::from_secs(3600)),
+            sharq: SharqSettings::default(),
         }
     }
 }
@@ -278,6 +283,9 @@ struct FileConfig {
     admin_tls_cert_file: Option<std::path::PathBuf>,
     admin_tls_key_file: Option<std::path::PathBuf>,
     job_status_retention: Option<String>,
+    sharq_listen: Option<String>,
+    sharq_job_expire_interval: Option<i64>,
+    sharq_default_requeue_limit: Option<i64>,
     #[serde(default)]
     limits: FileLimits,
     #[serde(default)]
@@ -548,6 +556,11 @@ impl Config {
             })?;
         }
         c.nats = NatsSettings::from_file(file.nats, overrides.nats_password.clone())?;
+        c.sharq = SharqSettings::from_file(
+            file.sharq_listen,
+            file.sharq_job_expire_interval,
+            file.sharq_default_requeue_limit,
+        )?;
         if let Some(d) = file.limits.default {
             c.default_limit = parse_limit("limits.default", &d)?;
         }

@@ -32,9 +32,26 @@ pub fn headers(
     reason: &DeadReason,
     seq: u64,
 ) -> HeaderMap {
+    headers_with(
+        producer,
+        subject,
+        &reason.to_string(),
+        job::derived_msg_id(seq),
+    )
+}
+
+/// [`headers`] with any reason and message id: a dead letter from another stream than
+/// `WEIR_JOBS` (a SHARQ job past its requeue limit, from `WEIR_RELEASED`) derives its id from
+/// that stream's sequence, so it cannot clash with a `WEIR_JOBS` one.
+pub fn headers_with(
+    producer: Option<HeaderMap>,
+    subject: &str,
+    reason: &str,
+    msg_id: String,
+) -> HeaderMap {
     let mut h = producer.unwrap_or_default();
-    crate::release::set_msg_id(&mut h, job::derived_msg_id(seq));
-    h.insert(header::DEAD_REASON, reason.to_string());
+    crate::release::set_msg_id(&mut h, msg_id);
+    h.insert(header::DEAD_REASON, reason);
     h.insert(header::SUBJECT, subject_header(subject));
     h
 }

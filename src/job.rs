@@ -36,6 +36,9 @@ pub mod header {
     /// On parked jobs with a [`JOB_ID`]: when the job was parked (Unix ms), so that later
     /// status records can carry it.
     pub const PARKED_AT: &str = "Weir-Parked-At";
+    /// How often a job taken through the SHARQ API may be handed out again after it expired
+    /// unfinished (-1: forever), set by its enqueue ([`crate::sharq`]).
+    pub const REQUEUE_LIMIT: &str = "Weir-Requeue-Limit";
 }
 
 pub const JOBS_STREAM: &str = "WEIR_JOBS";

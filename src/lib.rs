@@ -45,7 +45,10 @@
 //! - [`poison`]: stored jobs the NATS client cannot read (bad header bytes), found after a
 //!   reconnect and dead-lettered; [`stranded`]: stored jobs no consumer delivers (nats-server
 //!   skips subjects with the byte 0x7f), found by a periodic sweep and dead-lettered.
-//! - [`admin`]: the admin HTTP API: health, readiness, limits, keys, and its OpenAPI document.
+//! - [`admin`]: the admin HTTP API: health, readiness, limits, keys, job status and the native
+//!   job batch (`POST /v1/jobs:batch`), and its OpenAPI document.
+//! - [`sharq`]: the SHARQ-compatible HTTP API on a listener of its own (`sharq_listen`): enqueue
+//!   (single and bulk) to `jobs.>`, dequeue and finish from `WEIR_RELEASED`, intervals as limits.
 //! - [`tls`]: PEM files and the admin API's HTTPS listener.
 //! - [`metrics`]: OpenTelemetry metrics, per-partition recorders cheap enough per job, `GET /metrics`.
 //! - [`trace`]: W3C trace context: a "weir hold" span per traced job, its `traceparent` rewritten.
@@ -82,6 +85,7 @@ pub mod recover;
 pub mod release;
 pub mod scheduler;
 pub mod shards;
+pub mod sharq;
 pub mod signal;
 pub mod status;
 pub mod stranded;

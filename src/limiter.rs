@@ -155,7 +155,13 @@ impl<C: Clock<Instant = Nanos>> Bucket<C> {
 
     /// Takes every token there is: the bucket is empty, as if the key had just used its burst.
     pub fn drain(&self) {
-        while self.limiter.check().is_ok() {}
+        // Bounded by the largest burst: at a rate whose period is shorter than one `check` (10^9/s
+        // is 1 ns) tokens come back faster than they are taken, and an unbounded loop never ends.
+        for _ in 0..=1_000_000 {
+            if self.limiter.check().is_err() {
+                break;
+            }
+        }
     }
 
     /// Takes one token if there is one; otherwise says when the next one is due.

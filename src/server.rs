@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::partition::PartitionStats;
 use crate::shards::{Deps, Shards};
 use crate::trace::Tracing;
-use crate::{admin, dead, inspect, streams};
+use crate::{admin, dead, inspect, sharq, streams};
 
 /// Why Weir stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +159,14 @@ pub async fn run(
             addr: config.http_addr,
             source,
         })?;
+    let sharq_listener = match config.sharq.listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { addr, source })?,
+        ),
+    };
     let cancel = CancellationToken::new();
     // A start that fails half-way stops what it has spawned (and leaves the group).
     let _stop_on_error = cancel.clone().drop_guard();
@@ -243,6 +251,36 @@ pub async fn run(
         topo.dead.clone(),
         limits.clone(),
     );
+    // The SHARQ API records queued, dequeued, finished, requeued and dead in the same store.
+    let status_hook: Arc<dyn sharq::StatusHook> = Arc::new(status.clone());
+    let publisher = sharq::Publisher::new(client.clone(), status_hook.clone());
+    if let Some(listener) = sharq_listener {
+        let shared = Arc::new(sharq::Shared {
+            settings: config.sharq.clone(),
+            client: client.clone(),
+            publisher: publisher.clone(),
+            intervals: sharq::queues::Intervals::new(store.clone(), limits.clone()),
+            counters: sharq::queues::Counters::default(),
+            lengths: Arc::new(sharq::queues::QueueLengths::new(
+                topo.jobs.clone(),
+                topo.park.clone(),
+                config.partitions,
+            )),
+            dequeue: sharq::dequeue::Dequeue::new(
+                topo.released.clone(),
+                js.clone(),
+                config.sharq.clone(),
+                status_hook.clone(),
+                tracker.clone(),
+                cancel.clone(),
+            ),
+            inspect: inspect.clone(),
+            released: topo.released.clone(),
+            status: status_hook.clone(),
+            store: status.clone(),
+        });
+        tracker.spawn(sharq::serve(listener, shared, cancel.clone()));
+    }
     let state = admin::AdminState {
         client: client.clone(),
         ownership: admin::cluster::Ownership {
@@ -258,6 +296,8 @@ pub async fn run(
         limits: store.clone(),
         status: status.clone(),
         admin_token: config.admin_token.clone(),
+        jobs: publisher.clone(),
+        default_requeue_limit: config.sharq.default_requeue_limit,
     };
     let http_cancel = cancel.clone();
     let http_metrics = metrics.clone();
@@ -300,6 +340,7 @@ pub async fn run(
         partitions = config.partitions,
         http = %config.http_addr,
         https = config.admin_tls.is_some(),
+        sharq = ?config.sharq.listen,
         "weir is running"
     );
 
@@ -317,7 +358,7 @@ pub async fn run(
     // The status publisher ends once the last clone of the store is gone (the tasks above held
     // the others): the records it still holds go out before the connection is drained, within
     // what is left of the grace period.
-    drop(status);
+    drop((status, status_hook, publisher));
     if let Some(t) = status_task {
         let left = config.shutdown_grace.saturating_sub(started.elapsed());
         let _ = tokio::time::timeout(left, t).await;

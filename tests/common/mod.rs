@@ -512,6 +512,59 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body))
 }
 
+/// A minimal HTTP/1.1 request with an optional JSON body: `(status, body)`. Bodies up to a
+/// bulk request's; 30 s for the whole exchange.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let body = body.unwrap_or("");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(30), io)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "http timeout"))??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// [`http_request`] whose body must be JSON: `(status, value)`.
+pub async fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let text = body.map(|b| b.to_string());
+    let (code, got) = http_request(addr, method, path, text.as_deref())
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let v = serde_json::from_str(&got)
+        .unwrap_or_else(|e| panic!("{method} {path} answered {code} with non-JSON ({e}): {got}"));
+    (code, v)
+}
+
 /// `Ok` once `/readyz` answers 200 (with every partition bound).
 async fn readyz_ok(addr: SocketAddr) -> Result<(), String> {
     match http_get(addr, "/readyz").await {
@@ -612,6 +665,14 @@ impl InProc {
             }
         }
         panic!("no free admin port after 5 attempts");
+    }
+
+    /// [`InProc::start`] with the SHARQ API on a free port (`sharq_listen` is put first in
+    /// `toml`, whose other top-level keys still apply); returns Weir and the SHARQ address.
+    pub async fn start_sharq(env: &Env, toml: &str) -> (InProc, SocketAddr) {
+        let sharq = free_addr();
+        let w = InProc::start(env, &format!("sharq_listen = \"{sharq}\"\n{toml}")).await;
+        (w, sharq)
     }
 
     /// Asks Weir to stop and waits for `run` to return.

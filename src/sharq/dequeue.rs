@@ -1,0 +1,339 @@
+//! Dequeue, finish, and requeue by redelivery.
+//!
+//! Each `queue_type` has one durable pull consumer on `WEIR_RELEASED` (`sharq-<queue_type>`,
+//! filter `released.<queue_type>.>`, `ack_wait` = `sharq_job_expire_interval`), created at the
+//! type's first dequeue. A feeder task (module `feed`) keeps up to [`BUFFER`] of its jobs prefetched, so a
+//! dequeue takes one from memory with no NATS round trip; `?wait_ms=` waits for one. Buffered
+//! jobs get a progress ack (`+WPI`) before a third of `ack_wait` passes, so waiting in the buffer
+//! neither expires them nor spends their requeues, and a job handed out late gets one too, so a
+//! worker always has close to the whole `job_expire_interval`.
+//!
+//! A dequeued job stays in flight (job id → its ack handle, at most [`MAX_IN_FLIGHT`]) until it
+//! is finished (acked) or its time is up; then JetStream redelivers it: that is SHARQ's requeue.
+//! A redelivered job whose requeues are used up (deliveries > `Weir-Requeue-Limit` + 1) is
+//! dead-lettered to `dead.<queue_type>.<queue_id>` with reason `requeue-limit` and acked (SHARQ
+//! dropped it). In flight is per process: with several Weir processes behind one address, a
+//! job must be finished through the process that handed it out (others answer 404 and the job
+//! is redelivered after its expiry).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::message::Acker;
+use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::{AckKind, Context};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{check_id, failure, not_found, JobEvent, JobState, SharqState, StatusHook};
+use crate::config::SharqSettings;
+
+/// Jobs prefetched per queue type.
+pub const BUFFER: usize = 256;
+/// Jobs handed out and not yet finished, per process.
+pub const MAX_IN_FLIGHT: usize = 100_000;
+/// Longest `?wait_ms=`.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+/// The dead-letter reason of a job past its requeue limit.
+pub const REQUEUE_LIMIT_REASON: &str = "requeue-limit";
+/// Room kept before a delivery's `ack_wait` runs out.
+pub(super) const MARGIN: Duration = Duration::from_millis(200);
+use super::feed::{Feed, Feeder, Ready};
+
+/// A job handed out.
+struct Held {
+    acker: Acker,
+    deadline: Instant,
+    requeues: u32,
+    enqueued_at: Option<u64>,
+    released_at: Option<u64>,
+}
+
+/// The dequeue side: consumers, their feeders and the jobs in flight.
+pub struct Dequeue {
+    released: Stream,
+    js: Context,
+    settings: SharqSettings,
+    feeders: tokio::sync::Mutex<HashMap<String, Arc<Feeder>>>,
+    /// The same feeders, for the request path's lookup without an async lock.
+    ready: std::sync::RwLock<HashMap<String, Arc<Feeder>>>,
+    inflight: Arc<Mutex<HashMap<String, Held>>>,
+    status: Arc<dyn StatusHook>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+fn flight_key(t: &str, q: &str, j: &str) -> String {
+    // '\n' is in no token.
+    format!("{t}\n{q}\n{j}")
+}
+
+impl Dequeue {
+    /// Also starts the sweeper that forgets jobs whose time is up.
+    pub fn new(
+        released: Stream,
+        js: Context,
+        settings: SharqSettings,
+        status: Arc<dyn StatusHook>,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Dequeue {
+        let inflight: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
+        let (map, stop) = (inflight.clone(), cancel.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        let now = Instant::now();
+                        map.lock().expect("lock").retain(|_, h| h.deadline > now);
+                    }
+                }
+            }
+        });
+        Dequeue {
+            released,
+            js,
+            settings,
+            feeders: Default::default(),
+            ready: Default::default(),
+            inflight,
+            status,
+            tracker,
+            cancel,
+        }
+    }
+
+    /// The type's feeder, with its consumer made (once) and its task started.
+    async fn feeder(&self, queue_type: &str) -> Result<Arc<Feeder>, String> {
+        if let Some(f) = self.ready.read().expect("lock").get(queue_type) {
+            return Ok(f.clone());
+        }
+        // The type's first dequeue: one request makes the consumer, the others wait for it.
+        let mut feeders = self.feeders.lock().await;
+        if let Some(f) = feeders.get(queue_type) {
+            return Ok(f.clone());
+        }
+        let consumer = self.consumer(queue_type).await?;
+        let f = Arc::new(Feeder {
+            buf: Mutex::new(VecDeque::with_capacity(BUFFER)),
+            arrived: Notify::new(),
+            room: Notify::new(),
+        });
+        feeders.insert(queue_type.to_string(), f.clone());
+        self.ready
+            .write()
+            .expect("lock")
+            .insert(queue_type.to_string(), f.clone());
+        let feed = Feed {
+            feeder: f.clone(),
+            consumer,
+            queue_type: queue_type.to_string(),
+            js: self.js.clone(),
+            ack_wait: self.settings.job_expire_interval,
+            default_limit: self.settings.default_requeue_limit,
+            status: self.status.clone(),
+        };
+        self.tracker.spawn(feed.run(self.cancel.clone()));
+        Ok(f)
+    }
+
+    async fn consumer(&self, queue_type: &str) -> Result<PullConsumer, String> {
+        let name: String = std::iter::once("sharq-".to_string())
+            .chain(queue_type.bytes().map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => (b as char).to_string(),
+                _ => format!("={b:02X}"),
+            }))
+            .collect();
+        let cfg = PullConfig {
+            durable_name: Some(name.clone()),
+            filter_subject: format!("released.{queue_type}.>"),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.settings.job_expire_interval,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: (MAX_IN_FLIGHT + BUFFER) as i64,
+            ..Default::default()
+        };
+        let err = |e: &dyn std::fmt::Display| format!("cannot make consumer {name}: {e}");
+        let c: PullConsumer = self
+            .released
+            .get_or_create_consumer(&name, cfg.clone())
+            .await
+            .map_err(|e| err(&e))?;
+        if c.cached_info().config.ack_wait != cfg.ack_wait {
+            return self
+                .released
+                .update_consumer(cfg)
+                .await
+                .map_err(|e| err(&e));
+        }
+        Ok(c)
+    }
+}
+
+/// `GET /dequeue/`: SHARQ's default queue type, `default`.
+pub async fn dequeue_default(s: State<SharqState>, q: Query<HashMap<String, String>>) -> Response {
+    take(s.0, "default".to_string(), q.0).await
+}
+
+/// `GET /dequeue/<queue_type>/[?wait_ms=N]`: 200 with the job, or 404 `{"status": "failure"}`
+/// when none is ready (within `wait_ms`).
+pub async fn dequeue(
+    State(s): State<SharqState>,
+    path: Result<Path<String>, PathRejection>,
+    q: Query<HashMap<String, String>>,
+) -> Response {
+    let Ok(Path(t)) = path else {
+        return failure(StatusCode::BAD_REQUEST, "bad path");
+    };
+    take(s, t, q.0).await
+}
+
+async fn take(s: SharqState, queue_type: String, query: HashMap<String, String>) -> Response {
+    if let Err(m) = check_id("queue_type", &queue_type) {
+        return failure(StatusCode::BAD_REQUEST, m);
+    }
+    let wait = match query.get("wait_ms").map(|w| w.parse::<u64>()) {
+        None => Duration::ZERO,
+        Some(Ok(ms)) => Duration::from_millis(ms).min(MAX_WAIT),
+        Some(Err(_)) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                "`wait_ms` must be a whole number of milliseconds",
+            )
+        }
+    };
+    let d = &s.dequeue;
+    if d.inflight.lock().expect("lock").len() >= MAX_IN_FLIGHT {
+        return failure(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{MAX_IN_FLIGHT} jobs are in flight: finish some first"),
+        );
+    }
+    let feeder = match d.feeder(&queue_type).await {
+        Ok(f) => f,
+        Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
+    let ack_wait = d.settings.job_expire_interval;
+    let deadline = tokio::time::Instant::now() + wait;
+    let r = loop {
+        let arrived = feeder.arrived.notified();
+        if let Some(r) = feeder.pop(ack_wait) {
+            break r;
+        }
+        if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+            return not_found();
+        }
+    };
+    let mut expires = r.got + ack_wait - MARGIN;
+    if r.got.elapsed() > MARGIN {
+        let _ = r.msg.ack_with(AckKind::Progress).await;
+        expires = Instant::now() + ack_wait - MARGIN;
+    }
+    let Ready {
+        msg,
+        queue_id,
+        job_id,
+        requeues,
+        requeues_remaining,
+        enqueued_at,
+        released_at,
+        ..
+    } = r;
+    let (msg, acker) = msg.split();
+    d.inflight.lock().expect("lock").insert(
+        flight_key(&queue_type, &queue_id, &job_id),
+        Held {
+            acker,
+            deadline: expires,
+            requeues,
+            enqueued_at,
+            released_at,
+        },
+    );
+    s.counters.dequeued(&queue_type, &queue_id);
+    d.status.record(&JobEvent {
+        job_id: &job_id,
+        queue_type: &queue_type,
+        queue_id: &queue_id,
+        state: JobState::Dequeued,
+        requeues,
+        reason: None,
+        at_ms: super::now_ms(),
+        enqueued_at,
+        released_at,
+    });
+    let length = s.lengths.peek(&queue_type, &queue_id);
+    // The payload is spliced in as it is stored (it is the JSON the producer gave).
+    let payload = &msg.payload[..];
+    let mut out = Vec::with_capacity(payload.len() + 160);
+    out.extend_from_slice(br#"{"status":"success","queue_id":"#);
+    serde_json::to_writer(&mut out, &queue_id).expect("a string");
+    out.extend_from_slice(br#","job_id":"#);
+    serde_json::to_writer(&mut out, &job_id).expect("a string");
+    out.extend_from_slice(br#","payload":"#);
+    if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
+        out.extend_from_slice(payload);
+    } else {
+        serde_json::to_writer(&mut out, &String::from_utf8_lossy(payload)).expect("a string");
+    }
+    out.extend_from_slice(
+        format!(",\"requeues_remaining\":{requeues_remaining},\"current_queue_length\":{length}}}")
+            .as_bytes(),
+    );
+    ([(header::CONTENT_TYPE, "application/json")], out).into_response()
+}
+
+/// `POST /finish/<queue_type>/<queue_id>/<job_id>/`: acks a job in flight: 200 success, or 404
+/// failure for a job not in flight (never dequeued, finished already, or its time is up).
+pub async fn finish(
+    State(s): State<SharqState>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+) -> Response {
+    let Ok(Path((t, q, j))) = path else {
+        return failure(StatusCode::BAD_REQUEST, "bad path");
+    };
+    for (which, v) in [("queue_type", &t), ("queue_id", &q), ("job_id", &j)] {
+        if let Err(m) = check_id(which, v) {
+            return failure(StatusCode::BAD_REQUEST, m);
+        }
+    }
+    let held = s
+        .dequeue
+        .inflight
+        .lock()
+        .expect("lock")
+        .remove(&flight_key(&t, &q, &j));
+    let Some(held) = held.filter(|h| h.deadline > Instant::now()) else {
+        return not_found();
+    };
+    if let Err(e) = held.acker.ack().await {
+        return failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the ack did not reach NATS ({e}); the job will be redelivered"),
+        );
+    }
+    s.dequeue.status.record(&JobEvent {
+        job_id: &j,
+        queue_type: &t,
+        queue_id: &q,
+        state: JobState::Finished,
+        requeues: held.requeues,
+        reason: None,
+        at_ms: super::now_ms(),
+        enqueued_at: held.enqueued_at,
+        released_at: held.released_at,
+    });
+    Json(json!({"status": "success"})).into_response()
+}

@@ -1,0 +1,448 @@
+//! The SHARQ-compatible API over real HTTP against a real nats-server: sharq-server's own
+//! `tests.py` cases, ported (a job is released asynchronously by Weir, so a dequeue right after
+//! an enqueue long-polls with `?wait_ms=`), then bulk enqueue, the native batch, requeue and
+//! dead letters, a live interval change, bad input, queue length, deletequeue and deepstatus.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{assert_gcra_bound, http_json, http_request, Collector, Env, InProc};
+use serde_json::{json, Value};
+
+/// Fast by default: SHARQ's intervals set each queue's own limit.
+const TOML: &str = "partitions = 2\n[limits.default]\nrate = \"1000/s\"\nburst = 100\n";
+const JOB: &str = "ef022088-d2b3-44ad-bf0d-a93d6d93b82c";
+
+async fn start() -> (Env, InProc, SocketAddr) {
+    let env = Env::start().await;
+    let (w, sharq) = InProc::start_sharq(&env, TOML).await;
+    (env, w, sharq)
+}
+
+async fn enqueue(sharq: SocketAddr, path: &str, job_id: &str, interval: u64) -> (u16, Value) {
+    let body =
+        json!({"job_id": job_id, "payload": {"message": "Hello, world."}, "interval": interval});
+    http_json(sharq, "POST", path, Some(&body)).await
+}
+
+async fn dequeue(sharq: SocketAddr, queue_type: &str, wait_ms: u64) -> (u16, Value) {
+    let path = format!("/dequeue/{queue_type}/?wait_ms={wait_ms}");
+    http_json(sharq, "GET", &path, None).await
+}
+
+#[tokio::test]
+async fn root_dequeue_fail_and_enqueue() {
+    let (_env, _w, sharq) = start().await;
+    assert_eq!(
+        http_json(sharq, "GET", "/", None).await,
+        (200, json!({"message": "Hello, SharQ!"}))
+    );
+    for path in ["/dequeue/", "/dequeue/sms/"] {
+        let (code, v) = http_json(sharq, "GET", path, None).await;
+        assert_eq!((code, v), (404, json!({"status": "failure"})), "{path}");
+    }
+    let (code, v) = enqueue(sharq, "/enqueue/sms/johdoe/", JOB, 1000).await;
+    assert_eq!((code, &v["status"]), (201, &json!("queued")), "{v}");
+}
+
+#[tokio::test]
+async fn dequeue_finish_and_finish_fail() {
+    let (_env, _w, sharq) = start().await;
+    let (code, _) = http_json(sharq, "POST", &format!("/finish/sms/johndoe/{JOB}/"), None).await;
+    assert_eq!(code, 404);
+    // Long-poll first: the enqueue wakes it.
+    let waiting = tokio::spawn(async move { dequeue(sharq, "sms", 10_000).await });
+    enqueue(sharq, "/enqueue/sms/johndoe/", JOB, 1000).await;
+    let (code, v) = waiting.await.unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["status"], "success");
+    assert_eq!(v["job_id"], JOB);
+    assert_eq!(v["queue_id"], "johndoe");
+    assert_eq!(v["payload"], json!({"message": "Hello, world."}));
+    assert_eq!(v["requeues_remaining"], -1);
+    assert!(v["current_queue_length"].is_u64(), "{v}");
+    let path = format!("/finish/sms/johndoe/{JOB}/");
+    assert_eq!(
+        http_json(sharq, "POST", &path, None).await,
+        (200, json!({"status": "success"}))
+    );
+    assert_eq!(http_json(sharq, "POST", &path, None).await.0, 404);
+    // SHARQ's `GET /dequeue/` is the queue type "default".
+    enqueue(sharq, "/enqueue/default/q1/", "j-default", 0).await;
+    let (code, v) = http_json(sharq, "GET", "/dequeue/?wait_ms=10000", None).await;
+    assert_eq!((code, &v["job_id"]), (200, &json!("j-default")), "{v}");
+}
+
+#[tokio::test]
+async fn interval_and_interval_fail() {
+    let (env, _w, sharq) = start().await;
+    let five = json!({"interval": 5000});
+    let (code, v) = http_json(sharq, "POST", "/interval/sms/johndoe/", Some(&five)).await;
+    assert_eq!((code, v), (404, json!({"status": "failure"})));
+    enqueue(sharq, "/enqueue/sms/johndoe/", JOB, 1000).await;
+    let (code, v) = http_json(sharq, "POST", "/interval/sms/johndoe/", Some(&five)).await;
+    assert_eq!((code, v), (200, json!({"status": "success"})));
+    let kv = env.js.get_key_value("WEIR_LIMITS").await.unwrap();
+    let stored = kv
+        .get("keys.johndoe")
+        .await
+        .unwrap()
+        .expect("the queue's limit");
+    let limit: Value = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(
+        (limit["rate"].as_str(), limit["burst"].as_i64()),
+        (Some("12/m"), Some(1))
+    );
+    // The queue drains; its interval stays (SHARQ forgot it).
+    let (code, _) = dequeue(sharq, "sms", 10_000).await;
+    assert_eq!(code, 200);
+    http_json(sharq, "POST", &format!("/finish/sms/johndoe/{JOB}/"), None).await;
+    let (code, _) = http_json(sharq, "POST", "/interval/sms/johndoe/", Some(&five)).await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test]
+async fn metrics_in_sharqs_shape() {
+    let (_env, _w, sharq) = start().await;
+    enqueue(sharq, "/enqueue/sms/johndoe/", JOB, 0).await;
+    let (code, v) = http_json(sharq, "GET", "/metrics/", None).await;
+    assert_eq!((code, &v["status"]), (200, &json!("success")), "{v}");
+    assert_eq!(v["queue_types"], json!(["sms"]));
+    let counts = v["enqueue_counts"].as_object().expect("enqueue_counts");
+    assert_eq!(counts.len(), 10);
+    let newest = counts
+        .keys()
+        .map(|k| k.parse::<u64>().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(newest % 60_000, 0, "keys are minute timestamps in ms");
+    assert_eq!(counts[&newest.to_string()], 1);
+    assert_eq!(v["dequeue_counts"].as_object().unwrap().len(), 10);
+    let (_, v) = http_json(sharq, "GET", "/metrics/sms/", None).await;
+    assert_eq!(
+        (&v["status"], &v["queue_ids"]),
+        (&json!("success"), &json!(["johndoe"]))
+    );
+    let (_, v) = http_json(sharq, "GET", "/metrics/sms/johndoe/", None).await;
+    assert_eq!(v["status"], "success");
+    assert!(v["queue_length"].is_u64(), "{v}");
+    assert!(v["enqueue_counts"].is_object() && v["dequeue_counts"].is_object());
+}
+
+#[tokio::test]
+async fn bad_input_is_400_json() {
+    let (_env, _w, sharq) = start().await;
+    let cases: [(&str, &str, Option<&str>); 8] = [
+        ("POST", "/enqueue/sms/q/", Some("not json")),
+        (
+            "POST",
+            "/enqueue/sms/q/",
+            Some(r#"{"job_id": "j", "payload": {}}"#),
+        ),
+        (
+            "POST",
+            "/enqueue/sms/q/",
+            Some(r#"{"job_id": "j", "payload": {}, "interval": -5}"#),
+        ),
+        (
+            "POST",
+            "/enqueue/sms/q/",
+            Some(r#"{"job_id": 7, "payload": {}, "interval": 1}"#),
+        ),
+        (
+            "POST",
+            "/enqueue/sms/a.b/",
+            Some(r#"{"job_id": "j", "payload": {}, "interval": 1}"#),
+        ),
+        (
+            "POST",
+            "/enqueue/sms/q/",
+            Some(r#"{"job_id": "j", "payload": {}, "interval": 1, "requeue_limit": -2}"#),
+        ),
+        ("POST", "/interval/sms/q/", Some(r#"{"interval": "soon"}"#)),
+        ("DELETE", "/deletequeue/sms/q/", Some("{")),
+    ];
+    for (method, path, body) in cases {
+        let (code, text) = http_request(sharq, method, path, body).await.unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: {text}"));
+        assert_eq!(code, 400, "{method} {path} {body:?}: {v}");
+        assert_eq!(v["status"], "failure");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn bulk_10000_jobs_answered_one_by_one() {
+    let (env, _w, sharq) = start().await;
+    let jobs: Vec<Value> = (0..10_000)
+        .map(|i| {
+            let job_id = if i == 5000 { "bad.id".to_string() } else { format!("job-{i}") };
+            json!({"queue_id": format!("q{}", i % 50), "job_id": job_id, "payload": {"i": i}, "interval": 0})
+        })
+        .collect();
+    let t = Instant::now();
+    let (code, v) = http_json(
+        sharq,
+        "POST",
+        "/enqueue/sms/bulk/",
+        Some(&json!({"jobs": jobs})),
+    )
+    .await;
+    let took = t.elapsed();
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (v["queued"].as_u64(), v["failed"].as_u64()),
+        (Some(9_999), Some(1))
+    );
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 10_000);
+    for (i, r) in results.iter().enumerate() {
+        if i == 5000 {
+            assert_eq!(
+                (&r["job_id"], &r["status"]),
+                (&json!("bad.id"), &json!("failure"))
+            );
+            assert!(r["message"].as_str().unwrap().contains("job_id"), "{r}");
+        } else {
+            assert_eq!(
+                r,
+                &json!({"job_id": format!("job-{i}"), "status": "queued"})
+            );
+        }
+    }
+    eprintln!("bulk of 10,000 answered in {took:?}");
+    env.wait_all_released(9_999, Duration::from_secs(30)).await;
+    let too_many: Vec<Value> = (0..10_001)
+        .map(|i| json!({"queue_id": "q", "job_id": format!("x{i}"), "payload": {}, "interval": 0}))
+        .collect();
+    let (code, v) = http_json(
+        sharq,
+        "POST",
+        "/enqueue/sms/bulk/",
+        Some(&json!({"jobs": too_many})),
+    )
+    .await;
+    assert_eq!((code, &v["status"]), (413, &json!("failure")), "{v}");
+}
+
+#[tokio::test]
+async fn native_batch_and_duplicates_stored_once() {
+    let (env, w, sharq) = start().await;
+    let body = json!({"jobs": [
+        {"destination": "email", "key": "acme", "job_id": "n1", "payload": {"a": 1}},
+        {"destination": "email", "key": "bad key", "job_id": "n2", "payload": {}},
+        {"destination": "email", "key": "acme", "job_id": "n1", "payload": {"a": 1}},
+    ]});
+    let (code, v) = http_json(w.http, "POST", "/v1/jobs:batch", Some(&body)).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (v["accepted"].as_u64(), v["refused"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        v["results"][0],
+        json!({"accepted": true, "duplicate": false})
+    );
+    assert_eq!(v["results"][1]["accepted"], false);
+    assert_eq!(
+        v["results"][2],
+        json!({"accepted": true, "duplicate": true})
+    );
+    // The same job through the SHARQ API twice: one job, no phantom.
+    enqueue(sharq, "/enqueue/email/acme/", "s1", 0).await;
+    enqueue(sharq, "/enqueue/email/acme/", "s1", 0).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let (code, v) = dequeue(sharq, "email", 10_000).await;
+        assert_eq!(code, 200, "{v}");
+        got.push(v["job_id"].as_str().unwrap().to_string());
+    }
+    got.sort();
+    assert_eq!(got, ["n1", "s1"]);
+    assert_eq!(dequeue(sharq, "email", 500).await.0, 404);
+    assert_eq!(env.stream_len("WEIR_RELEASED").await, 2);
+}
+
+#[tokio::test]
+async fn requeued_after_expiry_up_to_the_limit_then_dead_lettered() {
+    let env = Env::start().await;
+    let toml = format!("sharq_job_expire_interval = 1000\n{TOML}");
+    let (_w, sharq) = InProc::start_sharq(&env, &toml).await;
+    let body = json!({"job_id": "r1", "payload": {"n": 1}, "interval": 0, "requeue_limit": 2});
+    assert_eq!(
+        http_json(sharq, "POST", "/enqueue/sms/rq/", Some(&body))
+            .await
+            .0,
+        201
+    );
+    for remaining in [2, 1, 0] {
+        let (code, v) = dequeue(sharq, "sms", 10_000).await;
+        assert_eq!((code, &v["job_id"]), (200, &json!("r1")), "{v}");
+        assert_eq!(v["requeues_remaining"], remaining, "{v}");
+        // Not finished: expires and comes back.
+    }
+    // Its time is up: finishing now is too late.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        http_json(sharq, "POST", "/finish/sms/rq/r1/", None).await.0,
+        404
+    );
+    env.wait_stream_len("WEIR_DEAD", 1, Duration::from_secs(10))
+        .await;
+    let dead = env.read_stream("WEIR_DEAD").await;
+    assert_eq!(dead[0].subject, "dead.sms.rq");
+    let reason = dead[0].header("Weir-Dead-Reason").unwrap();
+    assert!(reason.starts_with("requeue-limit"), "{reason}");
+    assert_eq!(dead[0].header("Weir-Job-Id"), Some("r1"));
+    assert_eq!(dequeue(sharq, "sms", 1500).await.0, 404);
+}
+
+#[tokio::test]
+async fn interval_change_applies_live() {
+    let (env, _w, sharq) = start().await;
+    let seen = Collector::start(&env.client, "released.sms.live").await;
+    for i in 0..12 {
+        let (code, _) = enqueue(sharq, "/enqueue/sms/live/", &format!("l{i}"), 500).await;
+        assert_eq!(code, 201);
+    }
+    seen.wait_for(2, Duration::from_secs(10)).await;
+    let (code, _) = http_json(
+        sharq,
+        "POST",
+        "/interval/sms/live/",
+        Some(&json!({"interval": 50})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let all = seen.wait_for(12, Duration::from_secs(10)).await;
+    let times: Vec<u64> = all.iter().map(|s| s.released_ms()).collect();
+    assert!(
+        times[1] - times[0] >= 450,
+        "interval 500 ms spaces the first two: {times:?}"
+    );
+    assert_gcra_bound(&times, 1, 50, "after the change");
+    assert_gcra_bound(&times[..2], 1, 500, "before the change");
+    // At 500 ms the last would leave 5.5 s after the first.
+    assert!(
+        times[11] - times[0] < 3_000,
+        "the new interval applied: {times:?}"
+    );
+}
+
+#[tokio::test]
+async fn max_queued_length_and_deletequeue() {
+    let (_env, _w, sharq) = start().await;
+    let mut refused = None;
+    for i in 0..20 {
+        let body = json!({"job_id": format!("m{i}"), "payload": {"max_queued_length": 3}, "interval": 60_000});
+        let (code, v) = http_json(sharq, "POST", "/enqueue/sms/slow/", Some(&body)).await;
+        match code {
+            201 => assert!(v["current_queue_length"].as_u64().unwrap() < 3, "{v}"),
+            429 => {
+                refused = Some(v);
+                break;
+            }
+            _ => panic!("{code} {v}"),
+        }
+        // Past the 250 ms cache of the count.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let v = refused.expect("a 429 once 3 jobs wait");
+    assert_eq!(v["status"], "failure");
+    assert!(v["current_queue_length"].as_u64().unwrap() >= 3, "{v}");
+    let purge = json!({"purge_all": true});
+    let (code, v) = http_json(sharq, "DELETE", "/deletequeue/sms/slow/", Some(&purge)).await;
+    assert_eq!((code, &v["status"]), (200, &json!("Success")), "{v}");
+    let (code, v) = http_json(sharq, "DELETE", "/deletequeue/sms/slow/", Some(&purge)).await;
+    assert_eq!(
+        (code, v),
+        (
+            200,
+            json!({"status": "Failure", "message": "No queued calls found"})
+        )
+    );
+    // purge_all forgot the interval (once the limits watcher has seen the delete).
+    common::eventually("the interval forgotten", Duration::from_secs(5), || async {
+        let one = json!({"interval": 1});
+        match http_json(sharq, "POST", "/interval/sms/slow/", Some(&one)).await {
+            (404, _) => Ok(()),
+            (code, v) => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deepstatus_follows_nats() {
+    let (mut env, _w, sharq) = start().await;
+    assert_eq!(
+        http_json(sharq, "GET", "/deepstatus/", None).await,
+        (200, json!({"status": "success"}))
+    );
+    env.nats.kill();
+    let (code, v) = http_json(sharq, "GET", "/deepstatus/", None).await;
+    assert_eq!((code, &v["status"]), (500, &json!("failure")), "{v}");
+}
+
+/// A job's life through the SHARQ API shows in its status, on both paths: queued or released
+/// after the enqueue, dequeued, then finished with every time kept that the writer knew.
+#[tokio::test]
+async fn job_status_follows_a_job_through_the_api() {
+    let (_env, w, sharq) = start().await;
+    let sharq_path = format!("/status/sms/alice/{JOB}/");
+    let native_path = format!("/v1/jobs/{JOB}");
+    let (code, v) = http_json(sharq, "GET", &sharq_path, None).await;
+    assert_eq!((code, v), (404, json!({"status": "failure"})));
+
+    enqueue(sharq, "/enqueue/sms/alice/", JOB, 0).await;
+    // Released (Weir releases it at once); the partition's record carries both times.
+    let rec = common::eventually("the released record", Duration::from_secs(10), || async {
+        let (code, v) = http_json(w.http, "GET", &native_path, None).await;
+        match (code, v["state"].as_str()) {
+            (200, Some("released")) => Ok(v),
+            _ => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+    assert!(
+        rec["queued_at"].as_u64().is_some() && rec["released_at"].as_u64().is_some(),
+        "{rec}"
+    );
+    assert_eq!(
+        (&rec["queue_type"], &rec["queue_id"]),
+        (&json!("sms"), &json!("alice"))
+    );
+
+    let (code, v) = dequeue(sharq, "sms", 5_000).await;
+    assert_eq!((code, &v["job_id"]), (200, &json!(JOB)), "{v}");
+    let dequeued = common::eventually("the dequeued record", Duration::from_secs(10), || async {
+        let (code, v) = http_json(sharq, "GET", &sharq_path, None).await;
+        match (code, v["job"]["state"].as_str()) {
+            (200, Some("dequeued")) => Ok(v),
+            _ => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+    assert_eq!(dequeued["status"], "success");
+    assert!(
+        dequeued["job"]["dequeued_at"].as_u64().is_some(),
+        "{dequeued}"
+    );
+
+    let (code, _) = http_json(sharq, "POST", &format!("/finish/sms/alice/{JOB}/"), None).await;
+    assert_eq!(code, 200);
+    let done = common::eventually("the finished record", Duration::from_secs(10), || async {
+        let (code, v) = http_json(w.http, "GET", &native_path, None).await;
+        match (code, v["state"].as_str()) {
+            (200, Some("finished")) => Ok(v),
+            _ => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+    assert!(done["finished_at"].as_u64().is_some(), "{done}");
+    // Another queue's path does not show this job.
+    let (code, _) = http_json(sharq, "GET", &format!("/status/sms/bob/{JOB}/"), None).await;
+    assert_eq!(code, 404);
+}
