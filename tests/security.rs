@@ -246,8 +246,15 @@ const WEIR_PERMISSIONS: &str = r#"{
       "$JS.API.STREAM.CREATE.WEIR_DEAD", "$JS.API.STREAM.INFO.WEIR_DEAD"
       "$JS.API.STREAM.CREATE.KV_WEIR_LIMITS", "$JS.API.STREAM.INFO.KV_WEIR_LIMITS"
       "$JS.API.STREAM.CREATE.KV_WEIR_CLUSTER", "$JS.API.STREAM.INFO.KV_WEIR_CLUSTER"
+      # job status (unless job_status_retention = "0"): created, or its max_age updated, at start
+      "$JS.API.STREAM.CREATE.KV_WEIR_JOB_STATUS", "$JS.API.STREAM.INFO.KV_WEIR_JOB_STATUS"
+      "$JS.API.STREAM.UPDATE.KV_WEIR_JOB_STATUS"
       # purging a key's jobs (DELETE /v1/keys/{key}/jobs) and its parked jobs
       "$JS.API.STREAM.PURGE.WEIR_JOBS", "$JS.API.STREAM.PURGE.WEIR_PARK"
+      # stored jobs Weir would never see (unreadable headers, stranded subjects): read by
+      # sequence, dead-lettered, deleted; the stranded sweep lists the consumers' floors
+      "$JS.API.STREAM.MSG.GET.WEIR_JOBS", "$JS.API.STREAM.MSG.DELETE.WEIR_JOBS"
+      "$JS.API.CONSUMER.LIST.WEIR_JOBS"
       # partition and triage consumers; reset hands a dead owner's jobs over at once
       "$JS.API.CONSUMER.CREATE.WEIR_JOBS.>", "$JS.API.CONSUMER.INFO.WEIR_JOBS.*"
       "$JS.API.CONSUMER.MSG.NEXT.WEIR_JOBS.*", "$JS.API.CONSUMER.RESET.WEIR_JOBS.*"
@@ -258,10 +265,11 @@ const WEIR_PERMISSIONS: &str = r#"{
       # reads by sequence and by key: parked and unacked jobs, bucket entries
       "$JS.API.DIRECT.GET.WEIR_JOBS", "$JS.API.DIRECT.GET.WEIR_PARK"
       "$JS.API.DIRECT.GET.KV_WEIR_LIMITS.>", "$JS.API.DIRECT.GET.KV_WEIR_CLUSTER.>"
+      "$JS.API.DIRECT.GET.KV_WEIR_JOB_STATUS.>"
       # acks of the jobs it took, and what it stores
       "$JS.ACK.WEIR_JOBS.>"
       "released.>", "park.>", "dead.>"
-      "$KV.WEIR_LIMITS.>", "$KV.WEIR_CLUSTER.>"
+      "$KV.WEIR_LIMITS.>", "$KV.WEIR_CLUSTER.>", "$KV.WEIR_JOB_STATUS.>"
       # destination caps shared between processes
       "weir.caps"
     ]

@@ -484,32 +484,10 @@ pub async fn scrape(http: SocketAddr) -> prometheus_parse::Scrape {
         .expect("a valid Prometheus exposition")
 }
 
-/// A minimal HTTP/1.1 GET: `(status, body)`.
+/// A minimal HTTP/1.1 GET: `(status, body)`, within 2 s.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(2), io)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "http timeout"))??;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad HTTP response: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    exchange(addr, head, "", Duration::from_secs(2)).await
 }
 
 /// A minimal HTTP/1.1 request with an optional JSON body: `(status, body)`. Bodies up to a
@@ -520,20 +498,30 @@ pub async fn http_request(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    let body = body.unwrap_or("");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    exchange(addr, head, body, Duration::from_secs(30)).await
+}
+
+/// Sends `head` and `body` on a fresh connection and reads the answer until the server closes.
+async fn exchange(
+    addr: SocketAddr,
+    head: String,
+    body: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let body = body.unwrap_or("");
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
         s.write_all(head.as_bytes()).await?;
         s.write_all(body.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         Ok::<_, std::io::Error>(buf)
     };
-    let buf = tokio::time::timeout(Duration::from_secs(30), io)
+    let buf = tokio::time::timeout(timeout, io)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "http timeout"))??;
     let text = String::from_utf8_lossy(&buf).to_string();
