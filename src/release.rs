@@ -5,12 +5,17 @@
 //! partition at one job per round trip, so publishes are pipelined: up to `window` acks are in
 //! flight, collected in send order (JetStream answers a connection's publishes in order, so
 //! polling the oldest first costs nothing).
+//!
+//! Each publish gets [`ACK_TIMEOUT`] from when it was sent. async-nats starts its own ack timer
+//! only when the ack future is first polled, and only the oldest is polled: after a broken
+//! connection, N lost acks would otherwise time out one after another, N times 5 s, while the
+//! partition holds everything behind them (seen as a partition stalled for more than 10 s).
 
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::header::{HeaderMap, HeaderName};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
@@ -25,11 +30,20 @@ pub use backoff::Backoff;
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
-/// Publishes in flight, each with the tag that says what to do once it is acknowledged.
+/// How long a publish waits for its ack, counted from when it was sent (async-nats' context
+/// default, which it counts from the first poll).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes in flight, each with its deadline and the tag that says what to do once it is
+/// acknowledged.
 pub struct Pipeline<T> {
     js: Context,
-    inflight: VecDeque<(AckFuture, T)>,
+    inflight: VecDeque<(AckFuture, tokio::time::Instant, T)>,
     window: usize,
+    /// One timer for the oldest publish's deadline, reset as the oldest changes (no timer per
+    /// publish); made on first need, inside the runtime.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: Option<tokio::time::Instant>,
 }
 
 impl<T> Pipeline<T> {
@@ -38,6 +52,8 @@ impl<T> Pipeline<T> {
             js,
             inflight: VecDeque::with_capacity(window),
             window: window.max(1),
+            timer: None,
+            armed: None,
         }
     }
 
@@ -69,7 +85,8 @@ impl<T> Pipeline<T> {
             .await
         {
             Ok(ack) => {
-                self.inflight.push_back((ack.into_future(), tag));
+                let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
+                self.inflight.push_back((ack.into_future(), deadline, tag));
                 Ok(())
             }
             Err(e) => Err((e, tag)),
@@ -87,16 +104,27 @@ impl<T> Pipeline<T> {
         &mut self,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<(Result<PublishAck, PublishError>, T)>> {
-        let Some((fut, _)) = self.inflight.front_mut() else {
+        let Some((fut, deadline, _)) = self.inflight.front_mut() else {
             return Poll::Ready(None);
         };
-        match fut.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(res) => {
-                let (_, tag) = self.inflight.pop_front().expect("front");
-                Poll::Ready(Some((res, tag)))
+        let res = match fut.as_mut().poll(cx) {
+            Poll::Ready(res) => res,
+            Poll::Pending => {
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*deadline)));
+                if self.armed != Some(*deadline) {
+                    timer.as_mut().reset(*deadline);
+                    self.armed = Some(*deadline);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => Err(PublishError::new(PublishErrorKind::TimedOut)),
+                }
             }
-        }
+        };
+        let (_, _, tag) = self.inflight.pop_front().expect("front");
+        Poll::Ready(Some((res, tag)))
     }
 }
 
