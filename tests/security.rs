@@ -440,18 +440,9 @@ async fn weir_runs_with_minimal_permissions() {
 /// `GET path` over HTTPS, trusting only `ca`: `(status, body)`.
 async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_rustls::rustls::{self, pki_types::ServerName, ClientConfig, RootCertStore};
-    let mut roots = RootCertStore::empty();
-    for c in weir::tls::certificates(ca).map_err(|e| e.to_string())? {
-        roots.add(c).map_err(|e| e.to_string())?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    use tokio_rustls::rustls::pki_types::ServerName;
+    let config = weir::tls::client_config(Some(ca))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
     let io = async {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let name = ServerName::IpAddress(addr.ip().into());
