@@ -94,6 +94,10 @@ pub struct Group {
     stopping: FuturesUnordered<BoxFuture<'static, u16>>,
     ready: Arc<AtomicBool>,
     published: watch::Sender<Arc<View>>,
+    /// The NATS client's counters, and its connect count when the watch began: after a
+    /// reconnect the bucket is watched afresh (see [`Group::run`]).
+    nats: Arc<async_nats::Statistics>,
+    connects: u64,
 }
 
 /// A lease this member holds.
@@ -157,6 +161,19 @@ impl Group {
                 }
                 _ = tokio::time::sleep_until(fence_at), if !self.held.is_empty() => self.fence_overdue(),
                 _ = tick.tick() => {
+                    // After a NATS restart the watcher's consumer may be gone with the server,
+                    // and the client notices only when its heartbeats stop: measured in `weir
+                    // chaos`, one process's view stayed stale for 12 s and it reported not
+                    // ready that long. A fresh watch replays the bucket (a few dozen entries).
+                    let connects = self.nats.connects.load(Relaxed);
+                    if connects != self.connects {
+                        self.connects = connects;
+                        if watch.is_some() {
+                            tracing::debug!("reconnected to NATS; watching {BUCKET} afresh");
+                            self.view = View::default();
+                            watch = None;
+                        }
+                    }
                     if watch.is_none() {
                         watch = Self::watch(&self.kv).await;
                     }

@@ -71,6 +71,11 @@ impl Shards {
     }
 
     /// Every partition's stats, by partition number (zeros for partitions not running here).
+    /// The NATS client's counters (the group watches its connect count).
+    pub fn nats_statistics(&self) -> Arc<async_nats::Statistics> {
+        self.inner.deps.js.client().statistics()
+    }
+
     pub fn stats(&self) -> &[Arc<PartitionStats>] {
         &self.inner.stats
     }

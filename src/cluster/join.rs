@@ -111,6 +111,7 @@ impl Group {
             joined_ms: crate::release::unix_ms(),
             backlog: BTreeMap::new(),
         };
+        let nats = shards.nats_statistics();
         let mut group = Group {
             kv,
             me,
@@ -123,6 +124,8 @@ impl Group {
             stopping: FuturesUnordered::new(),
             ready: Arc::new(AtomicBool::new(false)),
             published: watch::channel(Arc::new(View::default())).0,
+            connects: nats.connects.load(std::sync::atomic::Ordering::Relaxed),
+            nats,
         };
         group.heartbeat().await?;
         if let Some(old) = predecessor {

@@ -32,6 +32,17 @@ impl Group {
                     }
                 }
                 Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                    if let Some(rev) = self.still_mine(p).await {
+                        // A renewal that timed out (NATS away) was stored after all, once the
+                        // client had reconnected: the lease is ours at a newer revision. The
+                        // fence clock keeps counting from the last renewal known to be stored in
+                        // time; the next tick renews on this revision.
+                        tracing::debug!(partition = p, revision = rev, "a late renewal was stored; lease kept");
+                        if let Some(h) = self.held.get_mut(&p) {
+                            h.revision = rev;
+                        }
+                        continue;
+                    }
                     tracing::warn!(
                         partition = p,
                         "lost the lease (it expired); stopping the partition"
@@ -99,12 +110,32 @@ impl Group {
         }
     }
 
+    /// The revision of partition `p`'s lease if it still names this very process (member and
+    /// incarnation), read now; `None` if it names another, is gone, or cannot be read.
+    /// (Returns an owned future: `&self` held across an await would need `Group: Sync`.)
+    fn still_mine(&self, p: u16) -> impl std::future::Future<Output = Option<u64>> + Send {
+        let (kv, mine, limit) = (self.kv.clone(), self.holder_value(), self.lease / 6);
+        async move {
+            let entry = timeout(limit, kv.entry(Self::lease_key(p)))
+                .await
+                .ok()?
+                .ok()??;
+            (entry.operation == Operation::Put && entry.value == mine).then_some(entry.revision)
+        }
+    }
+
     /// The partition has stopped: delete its lease so a member with room claims it at once.
     pub(super) async fn give_back(&mut self, p: u16) {
         if let Some(h) = self.held.remove(&p) {
+            // A renewal stored late (after a reconnect) moved the revision on: delete that one,
+            // or the lease would block the partition until it ages out.
+            let revision = match self.still_mine(p).await {
+                Some(rev) => rev,
+                None => h.revision,
+            };
             let del = self
                 .kv
-                .delete_expect_revision(Self::lease_key(p), Some(h.revision));
+                .delete_expect_revision(Self::lease_key(p), Some(revision));
             match timeout(self.lease / 6, del).await {
                 Ok(Ok(())) => tracing::info!(partition = p, "handed the partition back"),
                 _ => tracing::debug!(
