@@ -280,6 +280,8 @@ impl Partition {
         reset: bool,
     ) {
         self.sweeper = Some(consumer.clone());
+        // Read before the reset below, which moves it back to the ack floor.
+        let delivered = consumer.cached_info().delivered.stream_sequence;
         // Jobs the previous run held unacked come back later (after ack_wait) or out of order:
         // fence their keys so nothing newer overtakes them.
         match self.unacked(consumer).await {
@@ -304,7 +306,7 @@ impl Partition {
             match park::parked_keys(&self.park, self.id).await {
                 Ok(keys) => {
                     for (k, n) in keys {
-                        self.sched.restore_parked(&k, n, now());
+                        self.sched.restore_parked(&k, n, delivered, now());
                     }
                     break;
                 }

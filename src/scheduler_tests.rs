@@ -110,11 +110,39 @@ async fn surplus_beyond_the_horizon_is_parked_and_read_back_in_order() {
     assert_eq!(released, (1..=20).collect::<Vec<_>>());
 }
 
+/// A job older than one already parked is never parked behind it, even when JetStream does not
+/// flag it as redelivered (a consumer whose state nats-server lost in a crash delivers jobs
+/// again as first deliveries; `weir chaos` with a NATS restart released 200-300 jobs of a
+/// parked key out of order before this).
+#[tokio::test(start_paused = true)]
+async fn a_job_older_than_the_park_is_held_not_parked() {
+    let mut s = sched(TEN_PER_SEC, 500);
+    // A previous run parked jobs; the consumer had delivered up to 200 when this run began.
+    s.restore_parked("acme", 3, 200, now());
+    assert!(
+        matches!(s.offer("acme", 150, false, 150, now()), Offer::Held),
+        "150 may be older than a parked job: held, not parked behind them"
+    );
+    assert!(
+        matches!(s.offer("acme", 201, false, 201, now()), Offer::Park(..)),
+        "newer than anything parked: parked as usual"
+    );
+    s.parked("acme", true, now());
+    assert!(
+        matches!(s.offer("acme", 180, false, 180, now()), Offer::Held),
+        "delivered again (first delivery by the count): held"
+    );
+    assert!(matches!(
+        s.offer("acme", 202, false, 202, now()),
+        Offer::Park(..)
+    ));
+}
+
 #[tokio::test(start_paused = true)]
 async fn after_a_restart_redelivered_jobs_merge_with_the_park_by_sequence() {
     let mut s = sched(TEN_PER_SEC, 500);
     // The park holds jobs 90 and 120; job 100 was held in memory (unacked) at the crash.
-    s.restore_parked("acme", 2, now());
+    s.restore_parked("acme", 2, 0, now());
     let (_, loads, _) = take(&mut s);
     assert_eq!(loads.len(), 1, "reads the park before anything else leaves");
     assert!(
@@ -155,7 +183,7 @@ async fn idle_keys_are_evicted_once_their_bucket_is_full() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_release_of_a_parked_job_reads_it_again() {
     let mut s = sched(TEN_PER_SEC, 500);
-    s.restore_parked("acme", 1, now());
+    s.restore_parked("acme", 1, 0, now());
     take(&mut s);
     s.loaded("acme", Ok(Some((7, 5, 5))), now());
     let (rel, _, _) = take(&mut s);
@@ -172,7 +200,7 @@ async fn a_failed_release_of_a_parked_job_reads_it_again() {
 #[tokio::test(start_paused = true)]
 async fn a_duplicate_parked_copy_never_purges_parked_jobs_not_yet_released() {
     let mut s = sched("[limits.default]\nrate = \"1/s\"\nburst = 1", 5_000);
-    s.restore_parked("acme", 2, now());
+    s.restore_parked("acme", 2, 0, now());
     take(&mut s);
     s.offer("acme", 11, true, 11, now());
     // The bucket's one token goes to nothing yet: 11 waits behind the parked jobs.

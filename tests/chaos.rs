@@ -63,16 +63,17 @@ fn kills_leave_a_clean_ledger() {
     assert_clean(code, &l);
 }
 
-/// Ignored until it is reliable. It used to fail every run on order: a release lost with the
-/// broken connection blocked the publish pipeline for the 5 s ack timeout while newer releases of
-/// its key went out. Since partitions hold while the connection is down, settle every publish in
-/// flight before publishing again, and decide no release while held (releases decided during the
-/// outage used to go out together afterwards: 245 over a key's bound in one of six runs), five of
-/// six runs were clean; the sixth had one job reordered within its key (a publish lost with the
-/// connection while a later one of its key, still in the client's buffer, was stored after the
-/// reconnect). Run with `--ignored`.
+/// NATS killed and restarted once while Weir processes are also being killed: nothing lost,
+/// duplicated or reordered, `/healthz` up and `/readyz` down while NATS is away, and every
+/// process ready again within the 5 s the reliability section promises.
+///
+/// History: it used to reorder jobs within a key. A release lost with the broken connection
+/// blocked the publish pipeline; releases decided during the outage went out together; and a
+/// consumer whose state nats-server lost in the crash delivered jobs again as first deliveries,
+/// which were parked behind newer parked jobs of their key (200-300 jobs out of order in 4 of 9
+/// runs once reconnects became fast). Since the park never takes a job older than one parked
+/// (`Busy::park_floor`), 14 of 14 runs were clean.
 #[test]
-#[ignore = "not yet reliable: 5 of 6 runs clean, one reordered a job within its key across the NATS restart"]
 fn kills_and_a_nats_restart_leave_a_clean_ledger() {
     let (code, l) = chaos(&[
         "--nats-restarts",
@@ -85,9 +86,10 @@ fn kills_and_a_nats_restart_leave_a_clean_ledger() {
     let f = &l["nats_faults"][0];
     assert_eq!(f["healthz_ok_while_away"], true, "{l:#}");
     assert_eq!(f["readyz_down_while_away"], true, "{l:#}");
+    let ready = f["ready_after_ms"].as_u64();
     assert!(
-        f["ready_after_ms"].is_u64(),
-        "ready again after the restart: {l:#}"
+        ready.is_some_and(|ms| ms <= 5_000),
+        "every process ready again within 5 s of the restart: {l:#}"
     );
     assert_clean(code, &l);
 }
