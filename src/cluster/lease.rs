@@ -37,7 +37,11 @@ impl Group {
                         // client had reconnected: the lease is ours at a newer revision. The
                         // fence clock keeps counting from the last renewal known to be stored in
                         // time; the next tick renews on this revision.
-                        tracing::debug!(partition = p, revision = rev, "a late renewal was stored; lease kept");
+                        tracing::debug!(
+                            partition = p,
+                            revision = rev,
+                            "a late renewal was stored; lease kept"
+                        );
                         if let Some(h) = self.held.get_mut(&p) {
                             h.revision = rev;
                         }
