@@ -33,8 +33,10 @@ const VERSION: &str = "NATS/1.0";
 /// with `NATS/1.0` and an optional numeric status; each further non-empty line must be
 /// `name: value` (continuation lines start with whitespace), the name printable ASCII, the value
 /// (trimmed, continuations joined) without a carriage return (async-nats would panic on it). A
-/// block with a status is reported too: a consumer takes it for the server's status message, so
-/// the job would never be seen either.
+/// block with a status is reported too, as a consumer would take it for the server's status
+/// message; but nats-server (2.15) strips a published status line when it stores the job
+/// (`NATS/1.0 503` is stored as `NATS/1.0`), so such a job is released like any other
+/// (`tests/hostile.rs`).
 pub fn check(subject: &[u8], headers: Option<&[u8]>) -> Result<(), String> {
     let subject = std::str::from_utf8(subject)
         .map_err(|e| format!("subject is not valid UTF-8 (byte {})", e.valid_up_to()))?;

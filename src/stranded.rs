@@ -105,21 +105,11 @@ pub async fn sweep_once(
             Err(reason) => (reason.to_string(), crate::metrics::dead_reason_kind(reason)),
             Ok(_) => (STRANDED.to_string(), "stranded"),
         };
-        let route = route.ok();
-        let subject = job::dead_subject(route.as_ref().map(|r| (r.dest, r.key)));
-        let payload = m.payload()?;
-        let h = sweep::dead_headers(
-            &m.subject,
-            hdrs.as_deref(),
-            &reason,
-            seq,
-            payload.len(),
-            client.server_info().max_payload,
-        );
         tracing::warn!(seq, subject = %m.subject.escape_debug(), %reason, "dead-lettering a stranded job");
-        js.publish_with_headers(subject, h, payload).await?.await?;
-        sweep::delete(&client, seq).await?;
-        out.push((route.map_or(String::new(), |r| r.dest.to_string()), kind));
+        out.push((
+            sweep::dead_letter(js, &m, hdrs.as_deref(), &reason).await?,
+            kind,
+        ));
         *suspect = None;
     }
     Ok(out)

@@ -601,3 +601,58 @@ async fn unreadable_jobs_are_dead_lettered_and_the_connection_settles() {
     );
     assert_eq!(env.stream_len("WEIR_DEAD").await, poisons.len() as u64);
 }
+
+/// Jobs whose header block carries a status line (`NATS/1.0 503`, `408`, `100 Idle Heartbeat`,
+/// `409 Consumer Deleted`): a consumer would take such a message for the server's own status
+/// message and drop it (or end its stream). nats-server strips the status line when it stores
+/// the job, so each is released like any other, its producer headers kept, and the jobs of its
+/// key around it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_with_a_status_line_are_released() {
+    let env = Env::start().await;
+    let _weir = InProc::start(&env, WEIR).await;
+    let url = env.url();
+    let statuses: [(&[u8], &[u8]); 4] = [
+        (b"jobs.sms.s0", b"NATS/1.0 503\r\nX-A: 0\r\n\r\n"),
+        (
+            b"jobs.sms.s1",
+            b"NATS/1.0 408 Request Timeout\r\nX-A: 1\r\n\r\n",
+        ),
+        (
+            b"jobs.sms.s2",
+            b"NATS/1.0 100 Idle Heartbeat\r\nX-A: 2\r\n\r\n",
+        ),
+        (
+            b"jobs.sms.s3",
+            b"NATS/1.0 409 Consumer Deleted\r\nX-A: 3\r\n\r\n",
+        ),
+    ];
+    let mut total = 0;
+    for (i, (subject, h)) in statuses.iter().enumerate() {
+        let r = raw_publish(
+            &url,
+            subject,
+            Some(h),
+            format!("status-{i}").as_bytes(),
+            true,
+        )
+        .await;
+        assert!(r.ack.is_some() && r.err.is_none(), "stored: {r:?}");
+        let key = std::str::from_utf8(&subject[9..]).unwrap();
+        env.publish_all((0..10).map(|j| Job::seq("sms", key, j)), 10)
+            .await;
+        total += 11;
+    }
+    env.wait_all_released(total, Duration::from_secs(20)).await;
+    let released = env.read_stream("WEIR_RELEASED").await;
+    assert_eq!(released.len() as u64, total, "each released once");
+    for i in 0..statuses.len() {
+        let r = released
+            .iter()
+            .find(|r| r.payload == format!("status-{i}").as_bytes())
+            .unwrap_or_else(|| panic!("status-{i} released"));
+        assert_eq!(r.subject, format!("released.sms.s{i}"));
+        assert_eq!(r.header("X-A"), Some(i.to_string().as_str()));
+    }
+    assert_eq!(env.stream_len("WEIR_DEAD").await, 0);
+}

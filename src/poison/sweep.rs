@@ -111,25 +111,33 @@ pub async fn sweep(
         let hdrs = m.raw_headers()?;
         let reason = check_stored(&m.subject, hdrs.as_deref());
         let Err(reason) = reason else { continue };
-        let payload = m.payload()?;
-        let route = job::parse_stored(&m.subject).ok();
-        let subject = job::dead_subject(route.as_ref().map(|r| (r.dest, r.key)));
-        let max = client.server_info().max_payload;
-        let h = dead_headers(
-            &m.subject,
-            hdrs.as_deref(),
-            &reason,
-            m.seq,
-            payload.len(),
-            max,
-        );
         tracing::warn!(partition, seq = m.seq, %reason, "dead-lettering a job the NATS client cannot read");
-        js.publish_with_headers(subject, h, payload).await?.await?;
-        delete(&client, m.seq).await?;
         out.dests
-            .push(route.map_or(String::new(), |r| r.dest.to_string()));
+            .push(dead_letter(js, &m, hdrs.as_deref(), &reason).await?);
     }
     Ok(out)
+}
+
+/// Dead-letters stored job `m` (`raw`: its header block) with `reason`, to `dead.<dest>.<key>`
+/// or `dead.invalid`: its payload, the producer headers that can be read, the raw block,
+/// `Weir-Dead-Reason`, `Weir-Subject` and the derived `Nats-Msg-Id`; deletes it from
+/// `WEIR_JOBS` only once the dead letter is stored. Returns its destination (empty when its
+/// subject names none), for the dead metrics.
+pub async fn dead_letter(
+    js: &Context,
+    m: &Stored,
+    raw: Option<&[u8]>,
+    reason: &str,
+) -> Result<String, SweepError> {
+    let client = js.client();
+    let payload = m.payload()?;
+    let route = job::parse_stored(&m.subject).ok();
+    let subject = job::dead_subject(route.as_ref().map(|r| (r.dest, r.key)));
+    let max = client.server_info().max_payload;
+    let h = dead_headers(&m.subject, raw, reason, m.seq, payload.len(), max);
+    js.publish_with_headers(subject, h, payload).await?.await?;
+    delete(&client, m.seq).await?;
+    Ok(route.map_or(String::new(), |r| r.dest.to_string()))
 }
 
 /// [`super::check`] on a subject as the JSON get shows it (invalid UTF-8 replaced by U+FFFD).
