@@ -73,6 +73,10 @@ fn kills_leave_a_clean_ledger() {
 /// which were parked behind newer parked jobs of their key (200-300 jobs out of order in 4 of 9
 /// runs once reconnects became fast). Since the park never takes a job older than one parked
 /// (`Busy::park_floor`), 14 of 14 runs were clean.
+///
+/// Not yet under overload: three runs at once on two cores failed 3 times in 6, one with a job
+/// lost, two with 2 and 7 jobs reordered within a key (releases in flight when NATS died; open in
+/// issue 5). So nextest runs this binary alone (`.config/nextest.toml`).
 #[test]
 fn kills_and_a_nats_restart_leave_a_clean_ledger() {
     let (code, l) = chaos(&[
