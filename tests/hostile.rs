@@ -467,7 +467,7 @@ async fn a_producer_msg_id_reused_after_the_window_loses_no_job() {
 /// long before `ack_wait` would bring it back; the normal jobs around them are all released
 /// exactly once, `WEIR_JOBS` ends empty, and the connection stops breaking.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky under load: a partition's lost publish acks used to time out one after another, 5 s each (1 of 6 runs with three at once failed, and 1 of 2 fresh-clone CI runs); with deadlines counted from the send, 10 of 11 runs passed; the last failure is not yet explained; open in issue 5"]
+#[ignore = "flaky: 7 of 9 runs passed on 2026-12-04 (after 10 of 11 earlier); in the failures one poison was dead-lettered 10.5 s after the others, past ack_wait, while its partition sat in a publish-ack timeout after the break; not yet explained; open in issue 5"]
 async fn unreadable_jobs_are_dead_lettered_and_the_connection_settles() {
     // Above the JetStream context's 5 s publish timeout: a release whose ack was lost with the
     // connection times out (and is retried) before its job comes back.
