@@ -81,7 +81,6 @@ enum Tag {
         src_seq: u64,
         park_seq: Option<u64>,
         acker: Option<Acker>,
-        status: Status,
     },
     Park {
         key: crate::scheduler::Key,
@@ -636,6 +635,15 @@ impl Partition {
                 .get(header::PARKED_AT)
                 .and_then(|v| v.as_str().parse().ok());
         }
+        // Recorded now, before the publish, not once it is acked: a worker can dequeue and
+        // finish the job before the partition has seen the ack, and a `released` record
+        // written then would overwrite its `finished` (status records are last-writer-wins).
+        // Queued before the job is even published, it would have to be overtaken by a whole
+        // store, delivery and dequeue. If the publish fails, the job is released again later
+        // and recorded again.
+        if let Some(rec) = status {
+            self.status.record(&rec);
+        }
         let subject = job::released_subject(&dest, &key);
         release::stamp_released(&mut h, released_ms);
         let tag = Tag::Release {
@@ -643,7 +651,6 @@ impl Partition {
             src_seq,
             park_seq,
             acker: job.acker,
-            status,
         };
         if let Err((e, tag)) = self.pubs.publish(subject, h, job.payload, tag).await {
             self.on_published(Err(e), tag).await;
@@ -703,9 +710,7 @@ impl Partition {
                 src_seq,
                 park_seq,
                 acker,
-                status,
             } => {
-                self.record(ok, status);
                 if let Some(a) = acker {
                     if ok {
                         ack(a).await
