@@ -49,10 +49,19 @@ async fn run_once(a: &BenchArgs, status: bool) -> Result<(), BoxError> {
     let conc = a.http_concurrency;
     let n = a.http_requests;
 
+    let raw = raw_enqueue(&js, conc, n).await?;
+    report(
+        &format!("raw JetStream ceiling: {conc} tasks, publish one job and await its ack"),
+        &raw,
+    );
     let single = drive(addr, conc, n, step(enqueue)).await?;
     report(
         &format!("enqueue, 1 job a request, {conc} connections"),
         &single,
+    );
+    println!(
+        "    enqueue: {:.2} of the raw ceiling (same client, same server, same concurrency)",
+        single.per_sec() / raw.per_sec()
     );
     let batch = a.bulk_size;
     let bulks = (n / batch).max(20);
@@ -70,7 +79,7 @@ async fn run_once(a: &BenchArgs, status: bool) -> Result<(), BoxError> {
         bulk.per_sec() * batch as f64 / single.per_sec()
     );
     // Everything enqueued is released at once (no limit): wait until it is, then drain it.
-    let total = n + bulks * batch;
+    let total = 2 * n + bulks * batch;
     super::wait_count(
         &js,
         crate::job::RELEASED_STREAM,
@@ -89,6 +98,49 @@ async fn run_once(a: &BenchArgs, status: bool) -> Result<(), BoxError> {
     stop.cancel();
     h.await?;
     Ok(())
+}
+
+/// The broker's ceiling for what one enqueue request does, without HTTP and JSON: `conc` tasks,
+/// each publishing a job (with the enqueue's `Nats-Msg-Id` and `Weir-Job-Id`) and awaiting its
+/// JetStream ack before the next, on Weir's own client, while Weir releases what they publish.
+async fn raw_enqueue(js: &jetstream::Context, conc: usize, n: u64) -> Result<Figures, BoxError> {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let next = Arc::new(AtomicU64::new(0));
+    let start = std::time::Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|_| {
+            let (js, next) = (js.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                loop {
+                    let i = next.fetch_add(1, Relaxed);
+                    if i >= n {
+                        return Ok::<_, BoxError>(h);
+                    }
+                    let q = i % QUEUES;
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", format!("job:sms:q{q}:raw{i}").as_str());
+                    headers.insert(crate::job::header::JOB_ID, format!("raw{i}").as_str());
+                    let body =
+                        Bytes::from(json!({"n": i, "text": "hello from the bench"}).to_string());
+                    let t = std::time::Instant::now();
+                    js.publish_with_headers(format!("jobs.sms.q{q}"), headers, body)
+                        .await?
+                        .await?;
+                    h.record(t.elapsed().as_micros() as u64)?;
+                }
+            })
+        })
+        .collect();
+    let mut all = hdrhistogram::Histogram::<u64>::new(3)?;
+    for t in tasks {
+        all.add(t.await??)?;
+    }
+    Ok(Figures {
+        iterations: n,
+        elapsed: start.elapsed(),
+        latency: vec![("publish", all)],
+    })
 }
 
 fn report(what: &str, f: &Figures) {
