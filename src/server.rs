@@ -300,7 +300,15 @@ pub async fn run(
             released: topo.released.clone(),
             status: status_hook.clone(),
             store: status.clone(),
+            forward: sharq::forward::Forward {
+                client: client.clone(),
+                me: config.member.clone(),
+                view: view.clone(),
+                // Heartbeats are every lease / 6; two of them, for a margin.
+                counted_after: tokio::time::Instant::now() + lease / 3,
+            },
         });
+        tracker.spawn(sharq::forward::answer(shared.clone(), cancel.clone()));
         tracker.spawn(sharq::serve(listener, shared, cancel.clone()));
     }
     let state = admin::AdminState {

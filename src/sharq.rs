@@ -21,8 +21,9 @@
 //! Other differences are listed in the README's "SHARQ compatibility".
 //!
 //! Modules: [`enqueue`] (single and bulk, and the pipelined publishing also behind the admin
-//! API's `POST /v1/jobs:batch`), [`dequeue`] (dequeue, finish, requeue), [`queues`] (interval,
-//! metrics, deletequeue, deepstatus).
+//! API's `POST /v1/jobs:batch`), [`dequeue`] (dequeue, finish, requeue), [`forward`] (a finish
+//! that reaches a process not holding the job), [`queues`] (interval, metrics, deletequeue,
+//! deepstatus).
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ pub mod counters;
 pub mod dequeue;
 pub mod enqueue;
 mod feed;
+pub mod forward;
 pub mod queues;
 pub mod status;
 
@@ -136,6 +138,8 @@ pub struct Shared {
     pub status: Arc<dyn StatusHook>,
     /// Where `GET /status/...` reads job records.
     pub store: crate::status::StatusStore,
+    /// Finishes of jobs another process handed out.
+    pub forward: forward::Forward,
 }
 
 pub type SharqState = Arc<Shared>;

@@ -345,30 +345,7 @@ async fn weir_runs_with_minimal_permissions() {
 
     for (round, weir_user) in ["weir", "weir2"].into_iter().enumerate() {
         let toml = format!("{BASE}[nats]\nuser = \"{weir_user}\"\npassword = \"weir\"\n");
-        let seen = violations.clone();
-        let url = env.url();
-        let weir = InProc::start_with(&env, &toml, |cfg| {
-            let (seen, url) = (seen.clone(), url.clone());
-            async move {
-                cfg.nats
-                    .options("weir")
-                    .await
-                    .expect("options")
-                    .max_reconnects(None)
-                    .event_callback(move |e| {
-                        let seen = seen.clone();
-                        async move {
-                            if let async_nats::Event::ServerError(e) = e {
-                                seen.lock().unwrap().push(e.to_string());
-                            }
-                        }
-                    })
-                    .connect(url)
-                    .await
-                    .expect("weir connects")
-            }
-        })
-        .await;
+        let weir = start_watched(&env, &toml, violations.clone()).await;
         let jobs = (0..20).map(|i| Job::seq("sms", "acme", i));
         publish_all(&producer, jobs, 20).await;
         producer
@@ -433,6 +410,121 @@ async fn weir_runs_with_minimal_permissions() {
             .expect("message");
         m.ack().await.expect("ack");
     }
+    let v = violations.lock().unwrap().clone();
+    assert!(v.is_empty(), "nats-server reported: {v:?}");
+}
+
+/// Weir connected as `toml` says, every error nats-server reports to its connection (such as a
+/// permission violation) kept in `seen`.
+async fn start_watched(env: &Env, toml: &str, seen: Arc<Mutex<Vec<String>>>) -> InProc {
+    let url = env.url();
+    InProc::start_with(env, toml, |cfg| {
+        let (seen, url) = (seen.clone(), url.clone());
+        async move {
+            cfg.nats
+                .options("weir")
+                .await
+                .expect("options")
+                .max_reconnects(None)
+                .event_callback(move |e| {
+                    let seen = seen.clone();
+                    async move {
+                        if let async_nats::Event::ServerError(e) = e {
+                            seen.lock().unwrap().push(e.to_string());
+                        }
+                    }
+                })
+                .connect(url)
+                .await
+                .expect("weir connects")
+        }
+    })
+    .await
+}
+
+/// What the SHARQ-compatible API adds to [`WEIR_PERMISSIONS`], as the README lists it.
+const SHARQ_PUBLISH: &str = r#""jobs.>", "$JS.API.CONSUMER.CREATE.WEIR_RELEASED.>"
+      "$JS.API.CONSUMER.INFO.WEIR_RELEASED.*", "$JS.API.CONSUMER.MSG.NEXT.WEIR_RELEASED.*"
+      "$JS.ACK.WEIR_RELEASED.>", "$JS.API.STREAM.PURGE.WEIR_RELEASED", "weir.sharq.finish""#;
+const SHARQ_SUBSCRIBE: &str = r#""weir.sharq.finish""#;
+
+/// Two Weir processes serving the SHARQ API under [`WEIR_PERMISSIONS`] plus the README's
+/// SHARQ additions: enqueue (single and bulk), dequeue, a finish forwarded from the other
+/// process, metrics, deletequeue and deepstatus all work, and nats-server reports no violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharq_api_runs_with_its_documented_permissions() {
+    use serde_json::{json, Value};
+    let dir = Dir::new();
+    let perms = WEIR_PERMISSIONS
+        .replace(
+            "      \"weir.caps\"\n    ]",
+            &format!("      \"weir.caps\"\n      {SHARQ_PUBLISH}\n    ]"),
+        )
+        .replace(
+            r#"subscribe: { allow: ["_INBOX.>", "weir.caps"] }"#,
+            &format!(
+                r#"subscribe: {{ allow: ["_INBOX.>", "weir.caps", {SHARQ_SUBSCRIBE}] }}
+  allow_responses: true"#
+            ),
+        );
+    assert_eq!(perms.matches("weir.sharq.finish").count(), 2, "{perms}");
+    let conf = format!(
+        "authorization {{ users = [\n\
+         {{ user: admin, password: admin }}\n\
+         {{ user: weir, password: weir, permissions: {perms} }}\n\
+         ] }}\n"
+    );
+    let env = env(
+        &dir,
+        &conf,
+        "[nats]\nuser = \"admin\"\npassword = \"admin\"\n",
+    )
+    .await;
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (a, b) = (free_addr(), free_addr());
+    let toml = |addr: SocketAddr| {
+        format!("sharq_listen = \"{addr}\"\n{BASE}[nats]\nuser = \"weir\"\npassword = \"weir\"\n")
+    };
+    let wa = start_watched(&env, &toml(a), violations.clone()).await;
+    let wb = start_watched(&env, &toml(b), violations.clone()).await;
+    for w in [&wa, &wb] {
+        eventually(
+            "both members in the view",
+            Duration::from_secs(10),
+            || async {
+                let (code, v) = http_json(w.http, "GET", "/v1/cluster", None).await;
+                let n = v["members"].as_array().map_or(0, Vec::len);
+                (code == 200 && n == 2)
+                    .then_some(())
+                    .ok_or(format!("{code} {v}"))
+            },
+        )
+        .await;
+    }
+    let job = |id: &str| json!({"job_id": id, "payload": {"n": 1}, "interval": 10});
+    let (code, v) = http_json(a, "POST", "/enqueue/sms/acme/", Some(&job("p1"))).await;
+    assert_eq!(code, 201, "{v}");
+    let mut bulk = job("p2");
+    bulk["queue_id"] = json!("acme");
+    let (code, v) = http_json(
+        a,
+        "POST",
+        "/enqueue/sms/bulk/",
+        Some(&json!({"jobs": [bulk]})),
+    )
+    .await;
+    assert_eq!((code, &v["status"]), (200, &json!("queued")), "{v}");
+    let (code, v) = http_json(a, "GET", "/dequeue/sms/?wait_ms=10000", None).await;
+    assert_eq!(code, 200, "{v}");
+    let job_id = v["job_id"].as_str().expect("a job id").to_string();
+    let path = format!("/finish/sms/acme/{job_id}/");
+    assert_eq!(http_json(b, "POST", &path, None).await.0, 200);
+    let (code, v): (u16, Value) = http_json(b, "GET", "/metrics/sms/acme/", None).await;
+    assert_eq!(code, 200, "{v}");
+    let body = json!({"purge_all": true});
+    let (code, v) = http_json(b, "DELETE", "/deletequeue/sms/acme/", Some(&body)).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(http_json(a, "GET", "/deepstatus/", None).await.0, 200);
     let v = violations.lock().unwrap().clone();
     assert!(v.is_empty(), "nats-server reported: {v:?}");
 }

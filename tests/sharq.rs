@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{assert_gcra_bound, http_json, http_request, Collector, Env, InProc};
+use common::{assert_gcra_bound, eventually, http_json, http_request, Collector, Env, InProc};
 use serde_json::{json, Value};
 
 /// Fast by default: SHARQ's intervals set each queue's own limit.
@@ -263,6 +263,58 @@ async fn native_batch_and_duplicates_stored_once() {
     assert_eq!(got, ["n1", "s1"]);
     assert_eq!(dequeue(sharq, "email", 500).await.0, 404);
     assert_eq!(env.stream_len("WEIR_RELEASED").await, 2);
+}
+
+/// Behind one address, a worker's finish lands on any process: a process that does not hold
+/// the job forwards the finish to the one that does.
+#[tokio::test]
+async fn a_finish_reaches_the_process_that_handed_the_job_out() {
+    let env = Env::start().await;
+    let toml = format!("sharq_job_expire_interval = 2000\n{TOML}");
+    let (a, sharq_a) = InProc::start_sharq(&env, &toml).await;
+    let (b, sharq_b) = InProc::start_sharq(&env, &toml).await;
+    // Each must know the other (from WEIR_CLUSTER) to answer a miss without waiting.
+    for w in [&a, &b] {
+        eventually(
+            "both members in the view",
+            Duration::from_secs(10),
+            || async {
+                let (code, v) = http_json(w.http, "GET", "/v1/cluster", None).await;
+                let n = v["members"].as_array().map_or(0, Vec::len);
+                (code == 200 && n == 2)
+                    .then_some(())
+                    .ok_or(format!("{code} {v}"))
+            },
+        )
+        .await;
+    }
+    assert_eq!(enqueue(sharq_a, "/enqueue/sms/fw/", "f1", 0).await.0, 201);
+    let (code, v) = dequeue(sharq_a, "sms", 10_000).await;
+    assert_eq!((code, &v["job_id"]), (200, &json!("f1")), "{v}");
+    assert_eq!(
+        http_json(sharq_b, "POST", "/finish/sms/fw/f1/", None).await,
+        (200, json!({"status": "success"}))
+    );
+    // Finished once: no process holds it any more.
+    for sharq in [sharq_b, sharq_a] {
+        assert_eq!(
+            http_json(sharq, "POST", "/finish/sms/fw/f1/", None).await,
+            (404, json!({"status": "failure"}))
+        );
+    }
+    // Recorded by the process that held it; readable through either.
+    eventually("the finished record", Duration::from_secs(10), || async {
+        let (code, v) = http_json(sharq_b, "GET", "/status/sms/fw/f1/", None).await;
+        match (code, v["job"]["state"].as_str()) {
+            (200, Some("finished")) => Ok(()),
+            _ => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+    // Acked for good: not redelivered after the expiry, to either process.
+    for sharq in [sharq_a, sharq_b] {
+        assert_eq!(dequeue(sharq, "sms", 2500).await.0, 404);
+    }
 }
 
 #[tokio::test]

@@ -27,6 +27,8 @@ pub struct Conn {
     sender: SendRequest<Full<Bytes>>,
     authority: String,
     hists: HashMap<&'static str, Histogram<u64>>,
+    /// A second connection, to another server ([`drive_pair`]), for [`Conn::call_peer`].
+    peer: Option<(SendRequest<Full<Bytes>>, String)>,
 }
 
 /// An answer: status and body.
@@ -37,15 +39,36 @@ pub struct Answer {
 
 impl Conn {
     pub async fn open(addr: SocketAddr) -> Result<Conn, BoxError> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
         Ok(Conn {
-            sender,
+            sender: connect(addr).await?,
             authority: addr.to_string(),
             hists: HashMap::new(),
+            peer: None,
         })
+    }
+
+    /// Sends one request to the peer server (the first, without one), recorded under `label`.
+    pub async fn call_peer(
+        &mut self,
+        label: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<Answer, BoxError> {
+        let (sender, authority) = match self.peer.as_mut() {
+            Some((s, a)) => (s, a.as_str()),
+            None => (&mut self.sender, self.authority.as_str()),
+        };
+        send(
+            sender,
+            authority,
+            &mut self.hists,
+            label,
+            method,
+            path,
+            body,
+        )
+        .await
     }
 
     /// Sends one request and records its latency under `label`.
@@ -56,26 +79,48 @@ impl Conn {
         path: &str,
         body: Option<Bytes>,
     ) -> Result<Answer, BoxError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, &self.authority);
-        if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-        }
-        let req = req.body(Full::new(body.unwrap_or_default()))?;
-        let start = Instant::now();
-        self.sender.ready().await?;
-        let res = self.sender.send_request(req).await?;
-        let status = res.status().as_u16();
-        let body = res.into_body().collect().await?.to_bytes();
-        let us = start.elapsed().as_micros() as u64;
-        self.hists
-            .entry(label)
-            .or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"))
-            .saturating_record(us.max(1));
-        Ok(Answer { status, body })
+        let (sender, authority) = (&mut self.sender, self.authority.as_str());
+        send(
+            sender,
+            authority,
+            &mut self.hists,
+            label,
+            method,
+            path,
+            body,
+        )
+        .await
     }
+}
+
+async fn send(
+    sender: &mut SendRequest<Full<Bytes>>,
+    authority: &str,
+    hists: &mut HashMap<&'static str, Histogram<u64>>,
+    label: &'static str,
+    method: Method,
+    path: &str,
+    body: Option<Bytes>,
+) -> Result<Answer, BoxError> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, authority);
+    if body.is_some() {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    let req = req.body(Full::new(body.unwrap_or_default()))?;
+    let start = Instant::now();
+    sender.ready().await?;
+    let res = sender.send_request(req).await?;
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await?.to_bytes();
+    let us = start.elapsed().as_micros() as u64;
+    hists
+        .entry(label)
+        .or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"))
+        .saturating_record(us.max(1));
+    Ok(Answer { status, body })
 }
 
 /// What a load run measured.
@@ -116,6 +161,14 @@ impl Figures {
     }
 }
 
+async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, BoxError> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// One iteration of a scenario on a connection; `i` is the iteration's global index.
 pub type Step = Arc<
     dyn Fn(Conn, u64) -> Pin<Box<dyn Future<Output = (Conn, Result<(), BoxError>)> + Send>>
@@ -131,10 +184,35 @@ pub async fn drive(
     iterations: u64,
     step: Step,
 ) -> Result<Figures, BoxError> {
+    drive_on(addr, None, concurrency, iterations, step).await
+}
+
+/// [`drive`], each connection with a peer connection to `peer` for [`Conn::call_peer`].
+pub async fn drive_pair(
+    addr: SocketAddr,
+    peer: SocketAddr,
+    concurrency: usize,
+    iterations: u64,
+    step: Step,
+) -> Result<Figures, BoxError> {
+    drive_on(addr, Some(peer), concurrency, iterations, step).await
+}
+
+async fn drive_on(
+    addr: SocketAddr,
+    peer: Option<SocketAddr>,
+    concurrency: usize,
+    iterations: u64,
+    step: Step,
+) -> Result<Figures, BoxError> {
     let next = Arc::new(AtomicU64::new(0));
     let mut conns = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        conns.push(Conn::open(addr).await?);
+        let mut c = Conn::open(addr).await?;
+        if let Some(p) = peer {
+            c.peer = Some((connect(p).await?, p.to_string()));
+        }
+        conns.push(c);
     }
     let start = Instant::now();
     let tasks: Vec<_> = conns

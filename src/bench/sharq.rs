@@ -14,7 +14,7 @@ use bytes::Bytes;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use super::http::{drive, Conn, Figures, Step};
+use super::http::{drive, drive_pair, Conn, Figures, Step};
 use super::{config, fresh, start_weir, BenchArgs, BoxError};
 
 /// Queues (keys) the jobs are spread over.
@@ -34,13 +34,13 @@ pub async fn run(a: &BenchArgs) -> Result<(), BoxError> {
 }
 
 async fn run_once(a: &BenchArgs, status: bool) -> Result<(), BoxError> {
-    let (_n, client) = fresh().await?;
+    let (nats, client) = fresh().await?;
     let js = jetstream::new(client.clone());
     let addr = free_addr()?;
     let c = config(
         a.partitions,
         &format!(
-            "sharq_listen = \"{addr}\"\njob_status_retention = \"{}\"\n[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000",
+            "member = \"bench-a\"\nsharq_listen = \"{addr}\"\njob_status_retention = \"{}\"\n[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000",
             if status { "1h" } else { "0" }
         ),
     )?;
@@ -95,9 +95,59 @@ async fn run_once(a: &BenchArgs, status: bool) -> Result<(), BoxError> {
         drained.p99_ms("dequeue"),
         drained.p99_ms("finish")
     );
+
+    // Behind one address, a finish lands on any process: a second Weir, and every finish sent
+    // to the process that did not hand the job out (it is forwarded over NATS).
+    let addr_b = free_addr()?;
+    let c = config(
+        a.partitions,
+        &format!(
+            "member = \"bench-b\"\nsharq_listen = \"{addr_b}\"\njob_status_retention = \"{}\"",
+            if status { "1h" } else { "0" }
+        ),
+    )?;
+    let (stop_b, h_b) = start_weir(c, async_nats::connect(nats.url()).await?);
+    wait_up(addr_b).await?;
+    wait_members(&js, 2).await?;
+    // The first drain left `total - n` >= `n` released jobs.
+    let crossed = drive_pair(addr, addr_b, conc, n, step(dequeue_finish_elsewhere)).await?;
+    report(
+        &format!("dequeue on one process + finish on another, {conc} connections"),
+        &crossed,
+    );
+    println!(
+        "    forwarded finish: {:.2} of the pairs/s with finish on the same process; p99 finish {:.2} ms",
+        crossed.per_sec() / drained.per_sec(),
+        crossed.p99_ms("finish")
+    );
+    stop_b.cancel();
     stop.cancel();
+    h_b.await?;
     h.await?;
     Ok(())
+}
+
+/// Waits until `n` members are in the group.
+async fn wait_members(js: &jetstream::Context, n: usize) -> Result<(), BoxError> {
+    use futures::StreamExt;
+    let kv = js.get_key_value(crate::cluster::BUCKET).await?;
+    for _ in 0..400 {
+        let keys: Vec<String> = kv
+            .keys()
+            .await?
+            .filter_map(|k| async { k.ok() })
+            .collect()
+            .await;
+        let members = keys
+            .iter()
+            .filter(|k| k.starts_with(crate::cluster::view::MEMBERS));
+        if members.count() >= n {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(format!("{n} members did not join the group").into())
 }
 
 /// The broker's ceiling for what one enqueue request does, without HTTP and JSON: `conc` tasks,
@@ -201,20 +251,36 @@ fn bulk_step(batch: u64) -> Step {
     })
 }
 
-async fn dequeue_finish(mut c: Conn, _i: u64) -> (Conn, Result<(), BoxError>) {
+async fn dequeue_finish(c: Conn, i: u64) -> (Conn, Result<(), BoxError>) {
+    dequeue_then_finish(c, i, false).await
+}
+
+/// Dequeues from the connection's server and finishes through its peer.
+async fn dequeue_finish_elsewhere(c: Conn, i: u64) -> (Conn, Result<(), BoxError>) {
+    dequeue_then_finish(c, i, true).await
+}
+
+async fn dequeue_then_finish(
+    mut c: Conn,
+    _i: u64,
+    elsewhere: bool,
+) -> (Conn, Result<(), BoxError>) {
     let res = async {
         let a = c
             .call("dequeue", Method::GET, "/dequeue/sms/?wait_ms=1000", None)
             .await?;
-        expect(a.status, 200, &a.body)?;
+        expect(a.status, 200, &a.body).map_err(|e| format!("dequeue: {e}"))?;
         let v: Value = serde_json::from_slice(&a.body)?;
         let (q, j) = (v["queue_id"].as_str(), v["job_id"].as_str());
         let (Some(q), Some(j)) = (q, j) else {
             return Err(format!("dequeue answered {v}").into());
         };
         let path = format!("/finish/sms/{q}/{j}/");
-        let a = c.call("finish", Method::POST, &path, None).await?;
-        expect(a.status, 200, &a.body)
+        let a = match elsewhere {
+            false => c.call("finish", Method::POST, &path, None).await?,
+            true => c.call_peer("finish", Method::POST, &path, None).await?,
+        };
+        expect(a.status, 200, &a.body).map_err(|e| format!("finish {path}: {e}").into())
     }
     .await;
     (c, res)

@@ -12,9 +12,9 @@
 //! is finished (acked) or its time is up; then JetStream redelivers it: that is SHARQ's requeue.
 //! A redelivered job whose requeues are used up (deliveries > `Weir-Requeue-Limit` + 1) is
 //! dead-lettered to `dead.<queue_type>.<queue_id>` with reason `requeue-limit` and acked (SHARQ
-//! dropped it). In flight is per process: with several Weir processes behind one address, a
-//! job must be finished through the process that handed it out (others answer 404 and the job
-//! is redelivered after its expiry).
+//! dropped it). In flight is per process; a finish that reaches a process not holding the job is
+//! forwarded to the others (module [`forward`](super::forward)), so several Weir processes can
+//! serve one address.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -49,9 +49,10 @@ pub const REQUEUE_LIMIT_REASON: &str = "requeue-limit";
 /// Room kept before a delivery's `ack_wait` runs out.
 pub(super) const MARGIN: Duration = Duration::from_millis(200);
 use super::feed::{Feed, Feeder, Ready};
+use super::forward::Finished;
 
 /// A job handed out.
-struct Held {
+pub(super) struct Held {
     acker: Acker,
     deadline: Instant,
     requeues: u32,
@@ -309,31 +310,55 @@ pub async fn finish(
             return failure(StatusCode::BAD_REQUEST, m);
         }
     }
-    let held = s
-        .dequeue
-        .inflight
-        .lock()
-        .expect("lock")
-        .remove(&flight_key(&t, &q, &j));
-    let Some(held) = held.filter(|h| h.deadline > Instant::now()) else {
-        return not_found();
-    };
-    if let Err(e) = held.acker.ack().await {
-        return failure(
+    let mut done = s.dequeue.finish_here(&t, &q, &j).await;
+    if done == Finished::NotHeld {
+        done = s.forward.ask(&t, &q, &j).await;
+    }
+    match done {
+        Finished::Done => Json(json!({"status": "success"})).into_response(),
+        Finished::NotHeld => not_found(),
+        Finished::Failed(e) => failure(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the ack did not reach NATS ({e}); the job will be redelivered"),
-        );
+        ),
     }
-    s.dequeue.status.record(&JobEvent {
-        job_id: &j,
-        queue_type: &t,
-        queue_id: &q,
-        state: JobState::Finished,
-        requeues: held.requeues,
-        reason: None,
-        at_ms: super::now_ms(),
-        enqueued_at: held.enqueued_at,
-        released_at: held.released_at,
-    });
-    Json(json!({"status": "success"})).into_response()
+}
+
+impl Dequeue {
+    /// Takes a job out of flight, if this process holds it and its time is not up.
+    pub(super) fn take(&self, t: &str, q: &str, j: &str) -> Option<Held> {
+        let held = self
+            .inflight
+            .lock()
+            .expect("lock")
+            .remove(&flight_key(t, q, j));
+        held.filter(|h| h.deadline > Instant::now())
+    }
+
+    /// Acks a job taken out of flight, and records it finished.
+    pub(super) async fn ack(&self, held: Held, t: &str, q: &str, j: &str) -> Finished {
+        if let Err(e) = held.acker.ack().await {
+            return Finished::Failed(e.to_string());
+        }
+        self.status.record(&JobEvent {
+            job_id: j,
+            queue_type: t,
+            queue_id: q,
+            state: JobState::Finished,
+            requeues: held.requeues,
+            reason: None,
+            at_ms: super::now_ms(),
+            enqueued_at: held.enqueued_at,
+            released_at: held.released_at,
+        });
+        Finished::Done
+    }
+
+    /// Finishes a job if this process holds it.
+    pub(super) async fn finish_here(&self, t: &str, q: &str, j: &str) -> Finished {
+        match self.take(t, q, j) {
+            Some(held) => self.ack(held, t, q, j).await,
+            None => Finished::NotHeld,
+        }
+    }
 }

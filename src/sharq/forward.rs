@@ -1,0 +1,177 @@
+//! Finishing a job through any Weir process, not only the one that handed it out.
+//!
+//! A dequeued job's ack handle lives in the memory of the process that dequeued it (module
+//! [`dequeue`](super::dequeue)). Behind one address (a Kubernetes Service, a load balancer) a
+//! SHARQ worker's `POST /finish/...` lands on any process, so a process that does not hold the
+//! job asks the others on core NATS subject [`SUBJECT`]:
+//!
+//! - the request's payload is `<queue_type>\n<queue_id>\n<job_id>` ('\n' is in no token), its
+//!   header [`MEMBER`] the asking process (which ignores its own request);
+//! - every process serving the API answers: [`DONE`] if it held the job and its ack reached
+//!   NATS, [`NONE`] if it does not hold it, or `fail:<why>` if the ack failed;
+//! - the asking process takes the first [`DONE`]; it answers 404 once every other member of
+//!   the group (from `WEIR_CLUSTER`) has said [`NONE`], or after [`WAIT`] at the latest (long enough for an overloaded peer) (a
+//!   static split knows no members, and a member without the API does not answer).
+//!
+//! The fast path is untouched: a finish that reaches the holder costs no NATS message beyond
+//! the ack. A miss costs one request and one reply per other process, no JetStream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::SharqState;
+use crate::cluster::view::View;
+
+/// The core NATS subject finishes are forwarded on.
+pub const SUBJECT: &str = "weir.sharq.finish";
+/// The header naming the asking process.
+pub const MEMBER: &str = "Weir-Member";
+/// The answer of the process that held the job and acked it.
+pub const DONE: &[u8] = b"done";
+/// The answer of a process that does not hold the job.
+pub const NONE: &[u8] = b"none";
+/// The longest wait for the other processes' answers.
+pub const WAIT: Duration = Duration::from_secs(1);
+
+/// What a finish came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished {
+    /// The job was in flight here (or, forwarded, somewhere) and its ack reached NATS.
+    Done,
+    /// No process holds the job: never dequeued, finished already, or its time is up.
+    NotHeld,
+    /// The holder's ack did not reach NATS; the job will be redelivered.
+    Failed(String),
+}
+
+/// How this process reaches the others.
+pub struct Forward {
+    pub client: Client,
+    /// This process's member name.
+    pub me: String,
+    /// The group's members, when the group assigns the partitions (not with a static split).
+    pub view: Option<watch::Receiver<Arc<View>>>,
+    /// When the view can be counted on: the group's watcher sees a member at its next
+    /// heartbeat, so a process's view is complete one heartbeat period after it joined.
+    pub counted_after: tokio::time::Instant,
+}
+
+impl Forward {
+    /// How many other processes should answer, when known: not with a static split, nor
+    /// before this process's view of the group is complete.
+    fn others(&self) -> Option<usize> {
+        if tokio::time::Instant::now() < self.counted_after {
+            return None;
+        }
+        let view = self.view.as_ref()?;
+        let v = view.borrow();
+        let me = v.members.contains_key(&self.me);
+        me.then(|| v.members.len() - 1)
+    }
+
+    /// Asks the other processes to finish a job this one does not hold.
+    pub async fn ask(&self, queue_type: &str, queue_id: &str, job_id: &str) -> Finished {
+        let others = self.others();
+        if others == Some(0) {
+            return Finished::NotHeld;
+        }
+        let inbox = self.client.new_inbox();
+        let mut answers = match self.client.subscribe(inbox.clone()).await {
+            Ok(s) => s,
+            Err(e) => return Finished::Failed(format!("cannot ask the other processes: {e}")),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(MEMBER, self.me.as_str());
+        let body = Bytes::from(format!("{queue_type}\n{queue_id}\n{job_id}"));
+        let sent = self
+            .client
+            .publish_with_reply_and_headers(SUBJECT, inbox, headers, body)
+            .await;
+        if let Err(e) = sent {
+            return Finished::Failed(format!("cannot ask the other processes: {e}"));
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let (mut nays, mut failed) = (0, None);
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
+            match &m.payload[..] {
+                DONE => return Finished::Done,
+                NONE => nays += 1,
+                other => {
+                    nays += 1;
+                    let why =
+                        String::from_utf8_lossy(other.strip_prefix(b"fail:").unwrap_or(other));
+                    failed = Some(why.into_owned());
+                }
+            }
+            if others.is_some_and(|n| nays >= n) {
+                break;
+            }
+        }
+        tracing::debug!(
+            queue_type,
+            queue_id,
+            job_id,
+            ?others,
+            nays,
+            "no process holds the job"
+        );
+        failed.map_or(Finished::NotHeld, Finished::Failed)
+    }
+}
+
+/// Answers the other processes' finish requests until `cancel`.
+pub async fn answer(state: SharqState, cancel: CancellationToken) {
+    let client = state.forward.client.clone();
+    let mut requests = match client.subscribe(SUBJECT).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot answer forwarded finishes");
+            return;
+        }
+    };
+    loop {
+        let m = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = requests.next() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let Some(reply) = m.reply else { continue };
+        let asker = m.headers.as_ref().and_then(|h| h.get(MEMBER));
+        if asker.is_some_and(|a| a.as_str() == state.forward.me) {
+            continue;
+        }
+        let mut ids = std::str::from_utf8(&m.payload).unwrap_or("").split('\n');
+        let (Some(t), Some(q), Some(j), None) = (ids.next(), ids.next(), ids.next(), ids.next())
+        else {
+            continue;
+        };
+        let Some(held) = state.dequeue.take(t, q, j) else {
+            if let Err(e) = client.publish(reply, Bytes::from_static(NONE)).await {
+                tracing::debug!(error = %e, "cannot answer a forwarded finish");
+            }
+            continue;
+        };
+        // The ack awaits NATS: off this loop, so one slow ack does not hold up the others. At
+        // most one task per job in flight here.
+        let (state, client) = (state.clone(), client.clone());
+        let (t, q, j) = (t.to_string(), q.to_string(), j.to_string());
+        tokio::spawn(async move {
+            let answer = match state.dequeue.ack(held, &t, &q, &j).await {
+                Finished::Done => Bytes::from_static(DONE),
+                Finished::NotHeld => Bytes::from_static(NONE),
+                Finished::Failed(why) => Bytes::from(format!("fail:{why}")),
+            };
+            if let Err(e) = client.publish(reply, answer).await {
+                tracing::debug!(error = %e, "cannot answer a forwarded finish");
+            }
+        });
+    }
+}
