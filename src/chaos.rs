@@ -8,6 +8,12 @@
 //! key's rate overshoot over its GCRA bound. It exits non-zero if anything was lost,
 //! duplicated or reordered, or the jobs were not all accounted for by the deadline.
 //!
+//! A run that lost jobs traces each ([`trace`]): its `WEIR_JOBS` sequence from its publish ack,
+//! which stored job carries the release id derived from it, its neighbours in its key, and
+//! what `WEIR_JOBS` and `WEIR_PARK` still hold. With `WEIR_CHAOS_KEEP_STORE` set, a run that is
+//! not clean keeps nats-server's store directory and log (`nats-server.log` in it) and says
+//! where on stderr.
+//!
 //! `--flood` is the memory scenario: 1,000,000 jobs for 100,000 keys at ten times their rate,
 //! with each Weir process's VmRSS and VmHWM sampled throughout.
 
@@ -25,6 +31,7 @@ use crate::natsd::LocalNats;
 pub mod faults;
 pub mod plan;
 pub mod report;
+pub mod trace;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosArgs {
@@ -88,6 +95,7 @@ pub struct ChaosArgs {
 /// Runs the scenario; `Ok(false)` when the ledger is not clean.
 pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
     let start = Instant::now();
+    let t0_ms = crate::release::unix_ms();
     let deadline = start + Duration::from_secs(a.deadline);
     let plan = Arc::new(if a.flood {
         plan::flood(
@@ -131,8 +139,8 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
         let (js, plan, stats) = (js.clone(), plan.clone(), stats.clone());
         let lanes = a.lanes;
         tokio::spawn(async move {
-            let accepted = plan::publish(&js, plan, run, lanes, stats, deadline).await;
-            (accepted, t_pub.elapsed())
+            let acks = plan::publish(&js, plan, run, lanes, stats, (start, deadline)).await;
+            (acks, t_pub.elapsed())
         })
     };
 
@@ -149,7 +157,7 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
     let nats_every = Duration::from_secs_f64(a.nats_every.max(0.0));
     let mut next_kill = start + kill_every;
     let mut next_nats = start + nats_every;
-    let mut published: Option<(Vec<u64>, Duration)> = None;
+    let mut published: Option<(Vec<Vec<plan::Acked>>, Duration)> = None;
     let mut last_check = Instant::now();
     let mut idle: Option<(u64, Instant)> = None;
     let drained = loop {
@@ -162,13 +170,12 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
             );
             continue;
         }
-        if let Some((accepted, _)) = &published {
+        if let Some((acks, _)) = &published {
             if last_check.elapsed() > Duration::from_millis(200) {
                 last_check = Instant::now();
+                let accepted: usize = acks.iter().map(Vec::len).sum();
                 match streams(&js).await {
-                    Some(s) if s.done >= accepted.iter().sum::<u64>() && s.waiting == 0 => {
-                        break true
-                    }
+                    Some(s) if s.done >= accepted as u64 && s.waiting == 0 => break true,
                     // Nothing waits, yet jobs are missing: once that has held for 10 s,
                     // nothing more will come (the ledger says which jobs are missing).
                     Some(s) if s.waiting == 0 => match idle {
@@ -201,13 +208,14 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let (accepted, publish_time) = match published {
+    let (acks, publish_time) = match published {
         Some(p) => p,
         None => {
             publisher.abort();
-            (vec![0; plan.keys.len()], start.elapsed())
+            (vec![Vec::new(); plan.keys.len()], start.elapsed())
         }
     };
+    let accepted: Vec<u64> = acks.iter().map(|a| a.len() as u64).collect();
 
     let released = crate::ledger::read(&js, RELEASED_STREAM).await?;
     let dead = crate::ledger::read(&js, DEAD_STREAM).await?;
@@ -221,6 +229,11 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
     );
     let duplicated = released.duplicates + dead.duplicates + t.both;
     let clean = drained && t.lost == 0 && duplicated == 0 && released.out_of_order == 0;
+    let lost_trace = if t.lost > 0 {
+        trace::lost(&js, &plan, &acks, &t.lost_jobs, a.partitions, t0_ms).await
+    } else {
+        Vec::new()
+    };
     let memory: Vec<report::MemoryRow> = (group.memory.iter())
         .map(|(m, rss, hwm)| report::MemoryRow {
             member: m.clone(),
@@ -242,6 +255,7 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
         dead_by_reason: dead.reasons.clone(),
         lost: t.lost,
         lost_jobs: t.lost_jobs,
+        lost_trace,
         duplicated,
         reordered: released.out_of_order,
         reorders: released.reorders.clone(),
@@ -263,7 +277,15 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
         r.print();
     }
     drop(group);
-    drop(nats);
+    if let Some(n) = nats.take() {
+        if !clean && std::env::var_os("WEIR_CHAOS_KEEP_STORE").is_some() {
+            let dir = n.keep();
+            eprintln!(
+                "weir chaos: kept the nats-server store and log in {}",
+                dir.display()
+            );
+        }
+    }
     Ok(clean)
 }
 

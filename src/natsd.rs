@@ -76,6 +76,14 @@ impl LocalNats {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Stops the server and keeps its store directory (with the server's log,
+    /// `nats-server.log`) rather than removing it; returns its path.
+    pub fn keep(mut self) -> PathBuf {
+        self.kill();
+        self.store.disable_cleanup(true);
+        self.store.path().to_path_buf()
+    }
+
     /// `kill -9` of the server: nothing is flushed or closed.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -107,11 +115,21 @@ impl LocalNats {
             })?;
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = mpsc::channel();
+        // The log is also kept beside the store, for a post-mortem ([`LocalNats::keep`]).
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(store.join("nats-server.log"))
+            .ok();
         // Read the log for the listening port and readiness, then keep draining it so the
         // server never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut port = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = log.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
                     port = rest
                         .trim()

@@ -103,6 +103,7 @@ impl Group {
             Err(_) => (0..self.moves.len()).collect(),
         };
         self.sample_memory();
+        tracing::info!(member = %name, partitions = ?held, "chaos: kill -9");
         self.members[i].kill9().await?;
         for p in held {
             self.moves[p] += 1;
@@ -147,6 +148,7 @@ impl Group {
         let released_before = released_last_seq(&self.url).await;
         let pid = nats.pid().ok_or("nats-server is not running")?;
         let t0 = Instant::now();
+        tracing::info!(pause, "chaos: nats-server fault");
         if pause {
             signal(pid, "-STOP").await?;
         } else {
@@ -169,6 +171,7 @@ impl Group {
             tokio::task::block_in_place(|| nats.restart())?;
         }
         let back = Instant::now();
+        tracing::info!("chaos: nats-server back");
         let down_ms = (back - t0).as_millis() as u64;
         for p in self.moves.iter_mut() {
             *p += 1;

@@ -159,7 +159,20 @@ pub struct Published {
     pub duplicate_acks: AtomicU64,
 }
 
-/// Publishes `plan` on `lanes` lanes; returns, per key, how many of its jobs were accepted
+/// One accepted publish, kept for the post-mortem of a lost job ([`super::trace`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Acked {
+    /// The job's sequence in `WEIR_JOBS`, as the ack gave it (a duplicate's is the original's).
+    pub stream_seq: u64,
+    /// Answered "duplicate": an earlier try had been stored.
+    pub duplicate: bool,
+    /// Publishes it took.
+    pub tries: u32,
+    /// When the ack came, in ms since `t0`.
+    pub at_ms: u64,
+}
+
+/// Publishes `plan` on `lanes` lanes; returns, per key, the acks of its accepted jobs in order
 /// (a key whose job could not be published by `deadline` stops there).
 pub async fn publish(
     js: &Context,
@@ -167,21 +180,21 @@ pub async fn publish(
     run: String,
     lanes: usize,
     stats: Arc<Published>,
-    deadline: Instant,
-) -> Vec<u64> {
+    (t0, deadline): (Instant, Instant),
+) -> Vec<Vec<Acked>> {
     let lanes = lanes.max(1);
     let tasks: Vec<_> = (0..lanes)
         .map(|lane| {
             let (js, plan, run, stats) = (js.clone(), plan.clone(), run.clone(), stats.clone());
             tokio::spawn(async move {
-                publish_lane(&js, &plan, &run, lane, lanes, &stats, deadline).await
+                publish_lane(&js, &plan, &run, (lane, lanes), &stats, (t0, deadline)).await
             })
         })
         .collect();
-    let mut accepted = vec![0u64; plan.keys.len()];
+    let mut accepted = vec![Vec::new(); plan.keys.len()];
     for t in tasks {
-        for (k, n) in t.await.expect("a publish lane panicked") {
-            accepted[k] = n;
+        for (k, acks) in t.await.expect("a publish lane panicked") {
+            accepted[k] = acks;
         }
     }
     accepted
@@ -191,12 +204,11 @@ async fn publish_lane(
     js: &Context,
     plan: &Plan,
     run: &str,
-    lane: usize,
-    lanes: usize,
+    (lane, lanes): (usize, usize),
     stats: &Published,
-    deadline: Instant,
-) -> Vec<(usize, u64)> {
-    let mut next: std::collections::HashMap<usize, u64> = Default::default();
+    (t0, deadline): (Instant, Instant),
+) -> Vec<(usize, Vec<Acked>)> {
+    let mut next: std::collections::HashMap<usize, Vec<Acked>> = Default::default();
     let mut stopped = std::collections::HashSet::new();
     for &k in &plan.order {
         let k = k as usize;
@@ -204,7 +216,7 @@ async fn publish_lane(
             continue;
         }
         let key = &plan.keys[k];
-        let seq = *next.entry(k).or_default();
+        let seq = next.entry(k).or_default().len() as u64;
         let subject = if key.invalid {
             format!("jobs.chaos.{}.x", key.name)
         } else {
@@ -215,7 +227,9 @@ async fn publish_lane(
         let body = crate::ledger::payload(&key.name, seq);
         let mut backoff = Duration::from_millis(50);
         let mut first = true;
+        let mut tries = 0;
         loop {
+            tries += 1;
             if !first {
                 stats.retries.fetch_add(1, Relaxed);
             }
@@ -232,7 +246,12 @@ async fn publish_lane(
                         stats.duplicate_acks.fetch_add(1, Relaxed);
                     }
                     stats.accepted.fetch_add(1, Relaxed);
-                    next.insert(k, seq + 1);
+                    next.entry(k).or_default().push(Acked {
+                        stream_seq: ack.sequence,
+                        duplicate: ack.duplicate,
+                        tries,
+                        at_ms: t0.elapsed().as_millis() as u64,
+                    });
                     break;
                 }
                 Err(e) if Instant::now() + backoff > deadline => {

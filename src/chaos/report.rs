@@ -32,6 +32,8 @@ pub struct Report {
     pub lost: u64,
     /// The first few lost jobs: key and sequence.
     pub lost_jobs: Vec<(String, u64)>,
+    /// What the streams show of each of those ([`super::trace`]).
+    pub lost_trace: Vec<String>,
     /// Copies beyond the first, in either stream, or a job in both.
     pub duplicated: u64,
     /// Jobs released after a later job of their key.
@@ -188,6 +190,9 @@ impl Report {
         println!("    lost        {:>9}", r.lost);
         for (key, seq) in &r.lost_jobs {
             println!("      {key} job {seq}");
+        }
+        for line in &r.lost_trace {
+            println!("      {line}");
         }
         println!("    duplicated  {:>9}", r.duplicated);
         println!("    reordered   {:>9}", r.reordered);
