@@ -228,6 +228,62 @@ async fn a_duplicate_parked_copy_never_purges_parked_jobs_not_yet_released() {
     assert!(purges.iter().all(|(_, below)| *below <= 201), "{purges:?}");
 }
 
+/// After a NATS crash that lost the consumer's state, job 7, held fresh in memory, is delivered
+/// again as a first delivery. Parked, that second delivery would ack the job's source; its
+/// parked copy, read back, was then taken for a redundant duplicate of the fresh one and purged,
+/// leaving the job only in memory (`weir chaos` with a NATS restart lost it at the next kill).
+/// The second delivery is held, not parked; and a parked copy read back beside a fresh one stays
+/// in the park until its own release is acked.
+#[tokio::test(start_paused = true)]
+async fn a_job_delivered_twice_is_never_left_only_in_memory() {
+    // 1/s, burst 1, 5 s horizon: at most 6 held.
+    let mut s = sched("[limits.default]\nrate = \"1/s\"\nburst = 1", 5_000);
+    for seq in 1..=7 {
+        assert!(matches!(
+            s.offer("acme", seq, false, seq, now()),
+            Offer::Held
+        ));
+    }
+    assert!(
+        matches!(s.offer("acme", 7, false, 7, now()), Offer::Held),
+        "7 is held already: its second delivery is held too, not parked"
+    );
+    assert!(matches!(
+        s.offer("acme", 8, false, 8, now()),
+        Offer::Park(..)
+    ));
+
+    // A parked copy of a job held fresh is read back (as after a crash): it is queued, and the
+    // park is purged past it only once its own release is acked.
+    let mut s = sched("[limits.default]\nrate = \"1/s\"\nburst = 1", 5_000);
+    s.restore_parked("acme", 1, 0, now());
+    take(&mut s);
+    s.offer("acme", 11, true, 11, now());
+    s.loaded("acme", Ok(Some((100, 11, 11))), now());
+    let (rel, _, purges) = take(&mut s);
+    assert!(
+        purges.is_empty(),
+        "purged {purges:?} before 11 was released"
+    );
+    assert_eq!(rel, vec![("acme".to_string(), 11, Some(100))]);
+    s.release_done("acme", Some(100), true, now());
+    let mut purges = take(&mut s).2;
+    while purges.is_empty() {
+        let wake = s
+            .next_wake()
+            .expect("the fresh copy still waits for a token");
+        tokio::time::advance(Duration::from_nanos(
+            wake.as_u64().saturating_sub(now().as_u64()),
+        ))
+        .await;
+        s.fire(now());
+        let (rel, _, p) = take(&mut s);
+        assert!(rel.iter().all(|r| r.1 == 11), "{rel:?}");
+        purges = p;
+    }
+    assert_eq!(purges, vec![("acme".to_string(), 101)]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn past_the_partition_budget_keys_park_even_within_their_horizon() {
     let c = Config::from_toml(
