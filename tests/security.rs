@@ -37,6 +37,15 @@ async fn env(dir: &Dir, server_conf: &str, client_toml: &str) -> Env {
     Env::start_with(&["-c", conf.to_str().expect("utf-8 path")], options).await
 }
 
+/// A nats-server whose users are `users` (lines of its `authorization` block) and `admin`
+/// (no limits), with the test client connected as `admin`.
+async fn with_users(dir: &Dir, users: &str) -> Env {
+    let conf =
+        format!("authorization {{ users = [\n{{ user: admin, password: admin }}\n{users}] }}\n");
+    let admin = "[nats]\nuser = \"admin\"\npassword = \"admin\"\n";
+    env(dir, &conf, admin).await
+}
+
 /// Weir with `nats_toml` runs end to end: jobs published are released.
 async fn runs_end_to_end(env: &Env, nats_toml: &str) {
     let weir = InProc::start(env, &format!("{BASE}{nats_toml}")).await;
@@ -314,19 +323,14 @@ async fn weir_runs_with_minimal_permissions() {
         .filter(|l| !l.trim().is_empty())
         .collect::<Vec<_>>()
         .join("\n");
-    let conf = format!(
-        "authorization {{ users = [\n\
-         {{ user: admin, password: admin }}\n\
-         {{ user: weir, password: weir, permissions: {WEIR_PERMISSIONS} }}\n\
-         {{ user: weir2, password: weir, permissions: {provisioned} }}\n\
-         {{ user: producer, password: producer, permissions: {PRODUCER_PERMISSIONS} }}\n\
-         {{ user: worker, password: worker, permissions: {WORKER_PERMISSIONS} }}\n\
-         ] }}\n"
-    );
-    let env = env(
+    let env = with_users(
         &dir,
-        &conf,
-        "[nats]\nuser = \"admin\"\npassword = \"admin\"\n",
+        &format!(
+            "{{ user: weir, password: weir, permissions: {WEIR_PERMISSIONS} }}\n\
+             {{ user: weir2, password: weir, permissions: {provisioned} }}\n\
+             {{ user: producer, password: producer, permissions: {PRODUCER_PERMISSIONS} }}\n\
+             {{ user: worker, password: worker, permissions: {WORKER_PERMISSIONS} }}\n"
+        ),
     )
     .await;
     let user = |u: &str| {
@@ -468,16 +472,9 @@ async fn sharq_api_runs_with_its_documented_permissions() {
             ),
         );
     assert_eq!(perms.matches("weir.sharq.finish").count(), 2, "{perms}");
-    let conf = format!(
-        "authorization {{ users = [\n\
-         {{ user: admin, password: admin }}\n\
-         {{ user: weir, password: weir, permissions: {perms} }}\n\
-         ] }}\n"
-    );
-    let env = env(
+    let env = with_users(
         &dir,
-        &conf,
-        "[nats]\nuser = \"admin\"\npassword = \"admin\"\n",
+        &format!("{{ user: weir, password: weir, permissions: {perms} }}\n"),
     )
     .await;
     let violations: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -487,20 +484,7 @@ async fn sharq_api_runs_with_its_documented_permissions() {
     };
     let wa = start_watched(&env, &toml(a), violations.clone()).await;
     let wb = start_watched(&env, &toml(b), violations.clone()).await;
-    for w in [&wa, &wb] {
-        eventually(
-            "both members in the view",
-            Duration::from_secs(10),
-            || async {
-                let (code, v) = http_json(w.http, "GET", "/v1/cluster", None).await;
-                let n = v["members"].as_array().map_or(0, Vec::len);
-                (code == 200 && n == 2)
-                    .then_some(())
-                    .ok_or(format!("{code} {v}"))
-            },
-        )
-        .await;
-    }
+    wait_members(&[wa.http, wb.http], 2).await;
     let job = |id: &str| json!({"job_id": id, "payload": {"n": 1}, "interval": 10});
     let (code, v) = http_json(a, "POST", "/enqueue/sms/acme/", Some(&job("p1"))).await;
     assert_eq!(code, 201, "{v}");

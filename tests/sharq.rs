@@ -8,7 +8,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{assert_gcra_bound, eventually, http_json, http_request, Collector, Env, InProc};
+use common::{
+    assert_gcra_bound, eventually, http_json, http_request, wait_members, Collector, Env, InProc,
+};
 use serde_json::{json, Value};
 
 /// Fast by default: SHARQ's intervals set each queue's own limit.
@@ -273,21 +275,8 @@ async fn a_finish_reaches_the_process_that_handed_the_job_out() {
     let toml = format!("sharq_job_expire_interval = 2000\n{TOML}");
     let (a, sharq_a) = InProc::start_sharq(&env, &toml).await;
     let (b, sharq_b) = InProc::start_sharq(&env, &toml).await;
-    // Each must know the other (from WEIR_CLUSTER) to answer a miss without waiting.
-    for w in [&a, &b] {
-        eventually(
-            "both members in the view",
-            Duration::from_secs(10),
-            || async {
-                let (code, v) = http_json(w.http, "GET", "/v1/cluster", None).await;
-                let n = v["members"].as_array().map_or(0, Vec::len);
-                (code == 200 && n == 2)
-                    .then_some(())
-                    .ok_or(format!("{code} {v}"))
-            },
-        )
-        .await;
-    }
+    // Each knows the other (from WEIR_CLUSTER): a miss is answered without waiting.
+    wait_members(&[a.http, b.http], 2).await;
     assert_eq!(enqueue(sharq_a, "/enqueue/sms/fw/", "f1", 0).await.0, 201);
     let (code, v) = dequeue(sharq_a, "sms", 10_000).await;
     assert_eq!((code, &v["job_id"]), (200, &json!("f1")), "{v}");

@@ -27,7 +27,7 @@ pub struct Conn {
     sender: SendRequest<Full<Bytes>>,
     authority: String,
     hists: HashMap<&'static str, Histogram<u64>>,
-    /// A second connection, to another server ([`drive_pair`]), for [`Conn::call_peer`].
+    /// A second connection, to another server ([`drive_pair`]), for [`Conn::call_to`].
     peer: Option<(SendRequest<Full<Bytes>>, String)>,
 }
 
@@ -47,30 +47,6 @@ impl Conn {
         })
     }
 
-    /// Sends one request to the peer server (the first, without one), recorded under `label`.
-    pub async fn call_peer(
-        &mut self,
-        label: &'static str,
-        method: Method,
-        path: &str,
-        body: Option<Bytes>,
-    ) -> Result<Answer, BoxError> {
-        let (sender, authority) = match self.peer.as_mut() {
-            Some((s, a)) => (s, a.as_str()),
-            None => (&mut self.sender, self.authority.as_str()),
-        };
-        send(
-            sender,
-            authority,
-            &mut self.hists,
-            label,
-            method,
-            path,
-            body,
-        )
-        .await
-    }
-
     /// Sends one request and records its latency under `label`.
     pub async fn call(
         &mut self,
@@ -79,48 +55,42 @@ impl Conn {
         path: &str,
         body: Option<Bytes>,
     ) -> Result<Answer, BoxError> {
-        let (sender, authority) = (&mut self.sender, self.authority.as_str());
-        send(
-            sender,
-            authority,
-            &mut self.hists,
-            label,
-            method,
-            path,
-            body,
-        )
-        .await
+        self.call_to(false, label, method, path, body).await
     }
-}
 
-async fn send(
-    sender: &mut SendRequest<Full<Bytes>>,
-    authority: &str,
-    hists: &mut HashMap<&'static str, Histogram<u64>>,
-    label: &'static str,
-    method: Method,
-    path: &str,
-    body: Option<Bytes>,
-) -> Result<Answer, BoxError> {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::HOST, authority);
-    if body.is_some() {
-        req = req.header(header::CONTENT_TYPE, "application/json");
+    /// [`Conn::call`], to the peer server if `to_peer` (and there is one).
+    pub async fn call_to(
+        &mut self,
+        to_peer: bool,
+        label: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<Answer, BoxError> {
+        let (sender, authority) = match self.peer.as_mut().filter(|_| to_peer) {
+            Some((s, a)) => (s, a.as_str()),
+            None => (&mut self.sender, self.authority.as_str()),
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, authority);
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(Full::new(body.unwrap_or_default()))?;
+        let start = Instant::now();
+        sender.ready().await?;
+        let res = sender.send_request(req).await?;
+        let status = res.status().as_u16();
+        let body = res.into_body().collect().await?.to_bytes();
+        let us = start.elapsed().as_micros() as u64;
+        self.hists
+            .entry(label)
+            .or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"))
+            .saturating_record(us.max(1));
+        Ok(Answer { status, body })
     }
-    let req = req.body(Full::new(body.unwrap_or_default()))?;
-    let start = Instant::now();
-    sender.ready().await?;
-    let res = sender.send_request(req).await?;
-    let status = res.status().as_u16();
-    let body = res.into_body().collect().await?.to_bytes();
-    let us = start.elapsed().as_micros() as u64;
-    hists
-        .entry(label)
-        .or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"))
-        .saturating_record(us.max(1));
-    Ok(Answer { status, body })
 }
 
 /// What a load run measured.
@@ -187,7 +157,7 @@ pub async fn drive(
     drive_on(addr, None, concurrency, iterations, step).await
 }
 
-/// [`drive`], each connection with a peer connection to `peer` for [`Conn::call_peer`].
+/// [`drive`], each connection with a peer connection to `peer` for [`Conn::call_to`].
 pub async fn drive_pair(
     addr: SocketAddr,
     peer: SocketAddr,

@@ -276,10 +276,9 @@ async fn dequeue_then_finish(
             return Err(format!("dequeue answered {v}").into());
         };
         let path = format!("/finish/sms/{q}/{j}/");
-        let a = match elsewhere {
-            false => c.call("finish", Method::POST, &path, None).await?,
-            true => c.call_peer("finish", Method::POST, &path, None).await?,
-        };
+        let a = c
+            .call_to(elsewhere, "finish", Method::POST, &path, None)
+            .await?;
         expect(a.status, 200, &a.body).map_err(|e| format!("finish {path}: {e}").into())
     }
     .await;

@@ -537,6 +537,25 @@ async fn exchange(
     Ok((status, body))
 }
 
+/// Waits until each of the admin APIs at `admins` sees `n` members in the group
+/// (`/v1/cluster`).
+pub async fn wait_members(admins: &[SocketAddr], n: usize) {
+    for &admin in admins {
+        eventually(
+            &format!("{n} members in the view"),
+            Duration::from_secs(10),
+            || async {
+                let (code, v) = http_json(admin, "GET", "/v1/cluster", None).await;
+                let have = v["members"].as_array().map_or(0, Vec::len);
+                (code == 200 && have == n)
+                    .then_some(())
+                    .ok_or(format!("{code} {v}"))
+            },
+        )
+        .await;
+    }
+}
+
 /// [`http_request`] whose body must be JSON: `(status, value)`.
 pub async fn http_json(
     addr: SocketAddr,
