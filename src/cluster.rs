@@ -191,8 +191,11 @@ impl Group {
         self.leave().await;
     }
 
+    /// Watches the whole bucket: first the newest entry of every key (the snapshot that
+    /// planning waits for, complete with the members and leases already there; async-nats'
+    /// `watch_all` would deliver only entries written after it starts), then every change.
     async fn watch(kv: &kv::Store) -> Option<kv::Watch> {
-        match kv.watch_all().await {
+        match kv.watch_with_history(">").await {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch {BUCKET}; retrying");
