@@ -304,8 +304,6 @@ pub async fn run(
                 client: client.clone(),
                 me: config.member.clone(),
                 view: view.clone(),
-                // Heartbeats are every lease / 6; two of them, for a margin.
-                counted_after: tokio::time::Instant::now() + lease / 3,
             },
         });
         tracker.spawn(sharq::forward::answer(shared.clone(), cancel.clone()));

@@ -10,8 +10,9 @@
 //! - every process serving the API answers: [`DONE`] if it held the job and its ack reached
 //!   NATS, [`NONE`] if it does not hold it, or `fail:<why>` if the ack failed;
 //! - the asking process takes the first [`DONE`]; it answers 404 once every other member of
-//!   the group (from `WEIR_CLUSTER`) has said [`NONE`], or after [`WAIT`] at the latest (long enough for an overloaded peer) (a
-//!   static split knows no members, and a member without the API does not answer).
+//!   the group (from `WEIR_CLUSTER`) has said [`NONE`], or after [`WAIT`] at the latest: long
+//!   enough for an overloaded peer, and the bound when the others cannot be counted (a static
+//!   split knows no members; a member without the API does not answer).
 //!
 //! The fast path is untouched: a finish that reaches the holder costs no NATS message beyond
 //! the ack. A miss costs one request and one reply per other process, no JetStream.
@@ -57,18 +58,13 @@ pub struct Forward {
     pub me: String,
     /// The group's members, when the group assigns the partitions (not with a static split).
     pub view: Option<watch::Receiver<Arc<View>>>,
-    /// When the view can be counted on: the group's watcher sees a member at its next
-    /// heartbeat, so a process's view is complete one heartbeat period after it joined.
-    pub counted_after: tokio::time::Instant,
 }
 
 impl Forward {
     /// How many other processes should answer, when known: not with a static split, nor
-    /// before this process's view of the group is complete.
+    /// before the group's first view is out (it holds this process once its watcher has read
+    /// the bucket).
     fn others(&self) -> Option<usize> {
-        if tokio::time::Instant::now() < self.counted_after {
-            return None;
-        }
         let view = self.view.as_ref()?;
         let v = view.borrow();
         let me = v.members.contains_key(&self.me);
