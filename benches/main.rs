@@ -47,7 +47,9 @@ fn decision(c: &mut Criterion) {
             limits("[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000"),
             Duration::from_secs(5),
             1000,
-        );
+        )
+        // As a partition runs it by default (`publish_window_per_key = 1`).
+        .with_key_window(1);
         let names: Vec<String> = (0..keys).map(|i| format!("customer-{i:07}")).collect();
         let mut acts = Vec::with_capacity(16);
         let mut i = 0usize;
@@ -73,7 +75,8 @@ fn decision_with_updates(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let keys = 1_000_000u64;
     let base = limits("[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000");
-    let mut s: Scheduler<u64> = Scheduler::new(base.clone(), Duration::from_secs(5), 1000);
+    let mut s: Scheduler<u64> =
+        Scheduler::new(base.clone(), Duration::from_secs(5), 1000).with_key_window(1);
     let names: Vec<String> = (0..keys).map(|i| format!("customer-{i:07}")).collect();
     let mut acts = Vec::with_capacity(16);
     let mut table = (*base).clone();

@@ -178,6 +178,11 @@ pub struct Config {
     pub max_held_per_partition: u32,
     /// Release publishes awaiting their JetStream ack, per partition.
     pub publish_window: u32,
+    /// Release publishes of one key awaiting their ack. 1 (the default) keeps each key's order
+    /// even when NATS dies with publishes in flight; more lets one key release faster than one
+    /// job per publish round trip, but a NATS crash can then reorder the releases of a key that
+    /// were in flight ([`crate::scheduler`]).
+    pub publish_window_per_key: u32,
     /// How long a shutdown may take before in-flight work is abandoned to redelivery.
     pub shutdown_grace: Duration,
     /// Stream replicas for the streams Weir creates (1 for a single server, 3 in a cluster).
@@ -249,6 +254,7 @@ impl Default for Config {
             ack_wait: Duration::from_secs(30),
             max_held_per_partition: 20_000,
             publish_window: 512,
+            publish_window_per_key: 1,
             shutdown_grace: Duration::from_secs(20),
             replicas: 1,
             owned_partitions: None,
@@ -274,6 +280,7 @@ struct FileConfig {
     ack_wait_ms: Option<i64>,
     max_held_per_partition: Option<i64>,
     publish_window: Option<i64>,
+    publish_window_per_key: Option<i64>,
     shutdown_grace_ms: Option<i64>,
     replicas: Option<i64>,
     owned_partitions: Option<Vec<i64>>,
@@ -447,6 +454,15 @@ impl Config {
                 1,
                 65_536,
                 "use a whole number from 1 to 65536",
+            )? as u32;
+        }
+        if let Some(v) = file.publish_window_per_key {
+            c.publish_window_per_key = in_range(
+                "publish_window_per_key",
+                v,
+                1,
+                65_536,
+                "use a whole number from 1 to 65536 (1 keeps a key's order across a NATS crash)",
             )? as u32;
         }
         if let Some(v) = file.replicas {

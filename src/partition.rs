@@ -220,6 +220,10 @@ impl Partition {
         stats.limits_revision.store(limits.revision, Relaxed);
         let nats = js.client().statistics();
         let mut sched = Scheduler::new(limits, c.horizon, c.max_held_per_partition as usize);
+        // A per-key window as wide as the partition's bounds nothing: skip the bookkeeping.
+        if c.publish_window_per_key < c.publish_window {
+            sched = sched.with_key_window(c.publish_window_per_key);
+        }
         sched.set_caps(&caps, now());
         Partition {
             id,

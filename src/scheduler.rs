@@ -215,6 +215,48 @@ pub struct Scheduler<J> {
     /// per-job cost of caps to one `is_empty` check.
     caps: HashMap<Key, dest::Dest>,
     dest_timers: BinaryHeap<Reverse<(u64, Key)>>,
+    in_flight: InFlight,
+}
+
+/// Release publishes in flight per key, for keys that have any, and how many a key may have.
+///
+/// One (the partition's default, `publish_window_per_key`) keeps a key's order even when NATS
+/// dies with publishes in flight: a publish lost with the connection is retried after later
+/// ones of its key that the client had queued and sent after the reconnect, so with two of a
+/// key in flight the second can be stored first (`weir chaos` with a NATS restart: up to 14
+/// jobs of 4 keys overtaken by their own). Keys under their rate are unaffected (their releases
+/// are further apart than a publish's round trip); a key releasing faster than one per round
+/// trip waits for its previous ack. The map holds only keys with a publish in flight, so at most
+/// the partition's publish window, and costs nothing per tracked key.
+#[derive(Debug)]
+struct InFlight {
+    keys: HashMap<Key, u32>,
+    /// `u32::MAX`: unbounded (nothing tracked).
+    window: u32,
+}
+
+impl InFlight {
+    fn is_free(&self, k: &str) -> bool {
+        self.window == u32::MAX || self.keys.get(k).is_none_or(|&n| n < self.window)
+    }
+
+    fn add(&mut self, k: &Key) {
+        if self.window != u32::MAX {
+            *self.keys.entry_ref(k.as_str()).or_insert(0) += 1;
+        }
+    }
+
+    fn done(&mut self, k: &str) {
+        if self.window == u32::MAX {
+            return;
+        }
+        if let Some(n) = self.keys.get_mut(k) {
+            *n -= 1;
+            if *n == 0 {
+                self.keys.remove(k);
+            }
+        }
+    }
 }
 
 impl<J: Routed> Scheduler<J> {
@@ -234,7 +276,18 @@ impl<J: Routed> Scheduler<J> {
             actions: Vec::new(),
             caps: HashMap::new(),
             dest_timers: BinaryHeap::new(),
+            in_flight: InFlight {
+                keys: HashMap::new(),
+                window: u32::MAX,
+            },
         }
+    }
+
+    /// At most `n` release publishes of a key in flight at once (see [`InFlight`]); unbounded
+    /// until set. Every release must then be reported with [`Scheduler::release_done`].
+    pub fn with_key_window(mut self, n: u32) -> Self {
+        self.in_flight.window = n.max(1);
+        self
     }
 
     pub fn stats(&self) -> Stats {
@@ -316,7 +369,12 @@ impl<J: Routed> Scheduler<J> {
         // Fast path: nothing waiting, a token free, no destination cap: leave now without
         // touching the queue.
         let capped = !self.caps.is_empty() && self.caps.contains_key(held.job.dest());
-        if st.busy.is_none() && !capped && st.bucket.try_take().is_ok() {
+        if st.busy.is_none()
+            && !capped
+            && self.in_flight.is_free(&k)
+            && st.bucket.try_take().is_ok()
+        {
+            self.in_flight.add(&k);
             self.actions.push(Action::Release { key: k, job: held });
             return Offer::Held;
         }
@@ -412,6 +470,7 @@ impl<J: Routed> Scheduler<J> {
     /// A release publish finished. On failure the caller naks a fresh job (it comes back as a
     /// redelivery); a job from the park is read again.
     pub fn release_done(&mut self, key: &str, park_seq: Option<u64>, ok: bool, now: Nanos) {
+        self.in_flight.done(key);
         if park_seq.is_some() {
             self.loaded = self.loaded.saturating_sub(1);
             if let Some(s) = self.starved.pop_front() {
@@ -580,6 +639,10 @@ impl<J: Routed> Scheduler<J> {
             if b.paused || b.waiting {
                 break;
             }
+            // Its previous release is still in flight: `release_done` pumps the key again.
+            if !self.in_flight.is_free(k) {
+                break;
+            }
             if let Err(at) = st.bucket.try_take() {
                 schedule(&mut self.timers, &mut b.wake_at, k, at.as_u64());
                 break;
@@ -593,6 +656,7 @@ impl<J: Routed> Scheduler<J> {
                 }
             }
             let job = b.queue.pop_front().expect("front");
+            self.in_flight.add(k);
             release(b, job, k, &mut self.held, &mut self.actions);
         }
         let b = st.busy.as_deref_mut().expect("busy");

@@ -618,3 +618,78 @@ async fn a_destination_cap_removed_releases_its_queue_at_the_keys_rates() {
     let rel = run_for(&mut s, 2).await;
     assert_eq!(rel.len(), 98, "the rest leave at the key's own 100/s");
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_a_key_window_of_one_a_key_waits_for_its_previous_release() {
+    // Unlimited rate: without the window all five would leave at once.
+    let mut s: Scheduler<u64> = sched(
+        "[limits.default]\nrate = \"1000000/s\"\nburst = 1000",
+        5_000,
+    )
+    .with_key_window(1);
+    for seq in 1..=5 {
+        s.offer("hot", seq, false, seq, now());
+    }
+    s.offer("cold", 6, false, 6, now());
+    let (rel, _, _) = take(&mut s);
+    assert_eq!(
+        rel.iter().map(|r| (r.0.as_str(), r.1)).collect::<Vec<_>>(),
+        vec![("hot", 1), ("cold", 6)],
+        "one release of a key in flight; other keys do not wait"
+    );
+    // Each completion lets the next one go, in order, whether the publish was acked or not.
+    let mut order = vec![1];
+    for ok in [true, true, true, true] {
+        let last = *order.last().unwrap();
+        s.release_done("hot", None, ok, now());
+        let (rel, _, _) = take(&mut s);
+        assert_eq!(rel.len(), 1, "after {last}");
+        order.push(rel[0].1);
+    }
+    assert_eq!(order, vec![1, 2, 3, 4, 5]);
+    s.release_done("hot", None, true, now());
+    assert!(take(&mut s).0.is_empty());
+    // Nothing in flight any more: the fast path again.
+    s.offer("hot", 7, false, 7, now());
+    assert_eq!(take(&mut s).0.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_release_with_a_key_window_of_one_is_not_overtaken() {
+    let mut s: Scheduler<u64> = sched(TEN_PER_SEC, 5_000).with_key_window(1);
+    s.offer("acme", 1, false, 1, now());
+    s.offer("acme", 2, false, 2, now());
+    assert_eq!(
+        take(&mut s).0.len(),
+        1,
+        "2 waits for 1's ack although the burst allows it"
+    );
+    // 1's publish is refused (connection lost): it goes back to JetStream, fenced.
+    s.fence_one("acme", 1, Nanos::new(now().as_u64() + 60_000_000_000));
+    s.release_done("acme", None, false, now());
+    assert!(take(&mut s).0.is_empty(), "2 waits for 1 to come back");
+    s.offer("acme", 1, true, 1, now());
+    assert_eq!(complete_all(&mut s, "acme").await, vec![1, 2]);
+}
+
+/// Acks every release as it comes and advances to each timer until the key has nothing left;
+/// returns the source sequences in release order.
+async fn complete_all(s: &mut Scheduler<u64>, key: &str) -> Vec<u64> {
+    let mut order = Vec::new();
+    loop {
+        let rel = take(s).0;
+        if rel.is_empty() {
+            let Some(wake) = s.next_wake() else {
+                return order;
+            };
+            let wait = wake.as_u64().saturating_sub(now().as_u64());
+            tokio::time::advance(Duration::from_nanos(wait)).await;
+            s.fire(now());
+            continue;
+        }
+        for r in rel {
+            order.push(r.1);
+            s.release_done(key, None, true, now());
+        }
+    }
+}

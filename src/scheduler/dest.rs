@@ -163,6 +163,8 @@ impl<J: Routed> Scheduler<J> {
         }
         b.waiting = false;
         if let Some(job) = b.queue.pop_front() {
+            // Free: it passed the in-flight check before it queued, and released nothing since.
+            self.in_flight.add(k);
             release(b, job, k, &mut self.held, &mut self.actions);
         }
         // The key's token was granted when it queued and is spent only now: empty its bucket,
