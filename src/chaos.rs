@@ -75,6 +75,10 @@ pub struct ChaosArgs {
     /// The group's lease_ms.
     #[arg(long, default_value_t = 6000)]
     pub lease_ms: u64,
+    /// The members' publish_window_per_key: more than 1 shows the reorder a NATS crash causes
+    /// when a key's releases are pipelined.
+    #[arg(long, default_value_t = 1)]
+    pub publish_window_per_key: u32,
     /// Seconds to wait for every job to be released or dead.
     #[arg(long, default_value_t = 900)]
     pub deadline: u64,
@@ -294,8 +298,8 @@ pub async fn main(a: ChaosArgs) -> Result<bool, BoxError> {
 async fn setup(js: &Context, a: &ChaosArgs) -> Result<String, BoxError> {
     let (default, tiers) = plan::tiers(a.flood);
     let toml = format!(
-        "partitions = {}\nlease_ms = {}\n[limits.default]\nrate = \"{}\"\nburst = {}\n",
-        a.partitions, a.lease_ms, default.rate, default.burst
+        "partitions = {}\nlease_ms = {}\npublish_window_per_key = {}\n[limits.default]\nrate = \"{}\"\nburst = {}\n",
+        a.partitions, a.lease_ms, a.publish_window_per_key, default.rate, default.burst
     );
     let config = crate::config::Config::from_toml(&toml, "chaos", &Default::default())?;
     crate::streams::ensure(js, &config).await?;
