@@ -87,6 +87,11 @@ pub struct BenchArgs {
     /// too), so Weir records each job's status: its cost is the ratio's change.
     #[arg(long)]
     pub job_ids: bool,
+    /// Throughput runs also run Weir with this `publish_window_per_key` (the default is 1, a
+    /// key's order kept across a NATS crash), beside the default: the cost of that order. The
+    /// rate measure runs with it instead of the default.
+    #[arg(long)]
+    pub publish_window_per_key: Option<u32>,
     /// Which measures to run, comma-separated: throughput, rate, latency, memory, limits, caps,
     /// sharq, and scale (not in the default: it runs for several minutes).
     #[arg(
@@ -220,40 +225,25 @@ async fn wait_count(
 }
 
 async fn throughput(a: &BenchArgs) -> Result<(), BoxError> {
-    let (mut raws, mut weirs) = (Vec::new(), Vec::new());
+    let (mut raws, mut weirs, mut wides) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..a.runs {
         let (_n, client) = fresh().await?;
         // The same context settings as Weir's (ack semaphore sized to the windows).
         let js = crate::context(&client, a.partitions, raw::WINDOW);
         let t = raw::run(&js, a.jobs, a.keys, a.partitions, a.payload, a.job_ids).await?;
         raws.push(a.jobs as f64 / t.as_secs_f64());
-
-        let (_n, client) = fresh().await?;
-        let js = jetstream::new(client.clone());
-        let c = config(
-            a.partitions,
-            "[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000",
-        )?;
-        crate::streams::ensure(&js, &c).await?;
-        preload_ids(&js, "jobs", a.jobs, a.keys, a.payload, a.job_ids).await?;
-        let start = Instant::now();
-        let (stop, h) = start_weir(c, client.clone());
-        let done = wait_count(
-            &js,
-            crate::job::RELEASED_STREAM,
-            a.jobs,
-            Duration::from_secs(600),
-        )
-        .await?;
-        weirs.push(a.jobs as f64 / (done - start).as_secs_f64());
-        stop.cancel();
-        h.await?;
-        println!(
+        weirs.push(pass_through(a, "").await?);
+        print!(
             "  run {}: raw {:.0} msgs/s, weir {:.0} msgs/s",
             run + 1,
             raws[run],
             weirs[run]
         );
+        if let Some(n) = a.publish_window_per_key {
+            wides.push(pass_through(a, &format!("publish_window_per_key = {n}\n")).await?);
+            print!(", weir with {n} per key {:.0} msgs/s", wides[run]);
+        }
+        println!();
     }
     let (r, w) = (median(&mut raws), median(&mut weirs));
     println!(
@@ -265,7 +255,38 @@ async fn throughput(a: &BenchArgs) -> Result<(), BoxError> {
         println!("    (every job with a Weir-Job-Id: its status recorded in WEIR_JOB_STATUS)");
     }
     println!("(3) ratio weir/raw: {:.3}", w / r);
+    if let Some(n) = a.publish_window_per_key {
+        let wide = median(&mut wides);
+        println!(
+            "(3k) with publish_window_per_key = {n}: median {wide:.0} msgs/s, ratio {:.3}",
+            wide / r
+        );
+    }
     Ok(())
+}
+
+/// One Weir pass-through run on a fresh server: jobs/s from start until all are released.
+async fn pass_through(a: &BenchArgs, extra: &str) -> Result<f64, BoxError> {
+    let (_n, client) = fresh().await?;
+    let js = jetstream::new(client.clone());
+    let c = config(
+        a.partitions,
+        &format!("{extra}[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000"),
+    )?;
+    crate::streams::ensure(&js, &c).await?;
+    preload_ids(&js, "jobs", a.jobs, a.keys, a.payload, a.job_ids).await?;
+    let start = Instant::now();
+    let (stop, h) = start_weir(c, client.clone());
+    let done = wait_count(
+        &js,
+        crate::job::RELEASED_STREAM,
+        a.jobs,
+        Duration::from_secs(600),
+    )
+    .await?;
+    stop.cancel();
+    h.await?;
+    Ok(a.jobs as f64 / (done - start).as_secs_f64())
 }
 
 async fn rate_error(a: &BenchArgs) -> Result<(), BoxError> {
@@ -277,7 +298,10 @@ async fn rate_error(a: &BenchArgs) -> Result<(), BoxError> {
                 as u32
         })
         .collect();
-    let mut extra = String::new();
+    let mut extra = match a.publish_window_per_key {
+        Some(n) => format!("publish_window_per_key = {n}\n"),
+        None => String::new(),
+    };
     for (i, r) in rates.iter().enumerate() {
         extra.push_str(&format!(
             "[limits.keys.rk-{i}]\nrate = \"{r}/s\"\nburst = 1\n"
