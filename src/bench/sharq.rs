@@ -37,8 +37,10 @@ async fn run_once(a: &BenchArgs, status: bool) -> Result<(), BoxError> {
     let (nats, client) = fresh().await?;
     let js = jetstream::new(client.clone());
     let addr = free_addr()?;
-    let c = config(
+    let admin = free_addr()?;
+    let c = config_at(
         a.partitions,
+        admin,
         &format!(
             "member = \"bench-a\"\nsharq_listen = \"{addr}\"\njob_status_retention = \"{}\"\n[limits.default]\nrate = \"1000000000/s\"\nburst = 1000000",
             if status { "1h" } else { "0" }
@@ -120,6 +122,13 @@ async fn run_once(a: &BenchArgs, status: bool) -> Result<(), BoxError> {
         crossed.per_sec() / drained.per_sec(),
         crossed.p99_ms("finish")
     );
+    if status {
+        // Status is an observation: records that find its queue full are dropped and counted.
+        println!(
+            "    job status records dropped (queue full): {}",
+            status_dropped(admin).await?
+        );
+    }
     stop_b.cancel();
     stop.cancel();
     h_b.await?;
@@ -191,6 +200,36 @@ async fn raw_enqueue(js: &jetstream::Context, conc: usize, n: u64) -> Result<Fig
         elapsed: start.elapsed(),
         latency: vec![("publish", all)],
     })
+}
+
+/// `weir_job_status_dropped_total` from the admin API's `GET /metrics`.
+async fn status_dropped(admin: SocketAddr) -> Result<u64, BoxError> {
+    let mut c = Conn::open(admin).await?;
+    let a = c.call("metrics", Method::GET, "/metrics", None).await?;
+    let text = String::from_utf8_lossy(&a.body);
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("weir_job_status_dropped_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect();
+    match values.is_empty() {
+        true => Err("GET /metrics has no weir_job_status_dropped_total".into()),
+        false => Ok(values.iter().sum::<f64>() as u64),
+    }
+}
+
+/// [`config`], with the admin API on `admin`.
+fn config_at(
+    partitions: u16,
+    admin: SocketAddr,
+    extra: &str,
+) -> Result<crate::config::Config, BoxError> {
+    let text = format!("partitions = {partitions}\nhttp_addr = \"{admin}\"\n{extra}");
+    Ok(crate::config::Config::from_toml(
+        &text,
+        "bench",
+        &Default::default(),
+    )?)
 }
 
 fn report(what: &str, f: &Figures) {
