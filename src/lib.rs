@@ -31,6 +31,7 @@
 //! - [`cluster`]: which process runs which partition: members and leases in `WEIR_CLUSTER`.
 //! - [`shards`]: starts and stops this process's partition tasks as it gains and loses them.
 //! - [`partition`]: one task per partition: ingest from its consumer, carry out the scheduler's decisions.
+//!   Its `stall` watch rebinds a consumer stream that stopped pulling after a reconnect.
 //! - [`scheduler`]: per-key queues and timers: release, hold or park (pure logic).
 //! - [`limits`]: which limit applies to a key; the `WEIR_LIMITS` bucket and its watcher.
 //! - [`limiter`]: per-key GCRA buckets (governor) on a monotonic clock.

@@ -33,6 +33,8 @@ use crate::scheduler::{Action, Caps, Held, Offer, Routed, Scheduler};
 use crate::status::{self, JobRecord, JobState, StatusStore};
 use crate::trace::Tracing;
 use crate::{dead, park};
+
+mod stall;
 use governor::nanos::Nanos;
 
 /// A job in memory: what it takes to publish it on, and to ack its source.
@@ -114,6 +116,9 @@ enum OpDone {
     },
     /// A sweep for unreadable jobs ([`crate::poison`]) finished.
     Swept(Result<crate::poison::Swept, String>),
+    /// The consumer's pull requests waiting and jobs pending, asked after a quiet reconnect
+    /// ([`stall`]).
+    PullChecked(Result<(usize, u64), String>),
 }
 
 /// What one partition shows the admin listener: whether its consumer is bound (for `/readyz`),
@@ -166,6 +171,9 @@ pub struct Partition {
     /// queued in the client, land after the reconnect. Nothing new is published until every
     /// publish in flight is settled (acked, or refused and handed back with its key fenced).
     in_doubt: bool,
+    /// The publishes in doubt have been given [`release::RECONNECT_ACK_GRACE`] since the
+    /// connection came back.
+    graced: bool,
     client: async_nats::Client,
     /// How long a restart's fence waits for the previous run's unacked jobs: two `ack_wait`s.
     fence_for: Duration,
@@ -184,6 +192,9 @@ pub struct Partition {
     sweeping: Option<bool>,
     /// A handle on the consumer for sweeps (its info is all they read).
     sweeper: Option<PullConsumer>,
+    /// Whether the consumer stream still pulls after a reconnect; `rebind` is its verdict.
+    stall: stall::StallWatch,
+    rebind: bool,
     status: StatusStore,
 }
 
@@ -236,6 +247,7 @@ impl Partition {
             closing: false,
             backoff: release::Backoff::default(),
             in_doubt: false,
+            graced: false,
             client: js.client(),
             fence_for: c.ack_wait * 2,
             commands,
@@ -246,6 +258,8 @@ impl Partition {
             js,
             sweeping: None,
             sweeper: None,
+            stall: stall::StallWatch::default(),
+            rebind: false,
             status,
         }
     }
@@ -386,7 +400,18 @@ impl Partition {
                         let connects = self.nats.connects.load(Relaxed);
                         if connects != self.connects {
                             self.connects = connects;
+                            // A reconnect this task did not see as a disconnect: what was in
+                            // flight may still be lost, as above.
+                            if !self.pubs.is_empty() && !self.in_doubt {
+                                self.in_doubt = true;
+                                self.graced = false;
+                            }
                             self.sweep_unreadable();
+                            self.stall.reconnected(tokio::time::Instant::now());
+                        }
+                        let reading = !self.pubs.is_full() && self.backoff.until().is_none() && !self.in_doubt;
+                        if self.stall.tick(tokio::time::Instant::now(), reading) {
+                            self.check_pull();
                         }
                         // Eviction checks every idle key: every 2 s is plenty.
                         ticks += 1;
@@ -408,7 +433,10 @@ impl Partition {
                         }
                     }
                     m = messages.next(), if !self.pubs.is_full() && holding.is_none() && !self.in_doubt => match m {
-                        Some(Ok(m)) => self.on_message(m).await,
+                        Some(Ok(m)) => {
+                            self.stall.heard();
+                            self.on_message(m).await
+                        }
                         Some(Err(e)) => tracing::debug!(partition = self.id, error = %e, "consumer stream error"),
                         None => {
                             tracing::warn!(partition = self.id, "consumer stream ended; rebinding");
@@ -418,6 +446,10 @@ impl Partition {
                     },
                 }
                 self.run_actions().await;
+                if self.rebind {
+                    self.rebind = false;
+                    continue 'bind;
+                }
             }
         }
         self.stats.bound.store(false, Relaxed);
@@ -666,6 +698,7 @@ impl Partition {
         use async_nats::connection::State;
         if self.client.connection_state() != State::Connected {
             self.in_doubt = true;
+            self.graced = false;
             // Look again shortly; the hold also stops reading.
             self.backoff
                 .pause(tokio::time::Instant::now(), Duration::from_millis(50));
@@ -673,6 +706,16 @@ impl Partition {
         }
         if self.in_doubt {
             if !self.pubs.is_empty() {
+                // Connected again: acks of what went out on the old connection are gone with
+                // it, and what the client queued meanwhile is acked within a round trip. Waiting
+                // out the full 5 s held the partition (and a poison's next delivery, which tells
+                // the sweep about it) for nothing.
+                if !self.graced {
+                    self.graced = true;
+                    self.pubs.shorten_deadlines(
+                        tokio::time::Instant::now() + release::RECONNECT_ACK_GRACE,
+                    );
+                }
                 return false;
             }
             self.in_doubt = false;
@@ -820,7 +863,38 @@ impl Partition {
                     self.sweep_unreadable();
                 }
             }
+            OpDone::PullChecked(Ok((waiting, pending))) => {
+                if self.stall.answered(waiting, pending) {
+                    tracing::info!(
+                        partition = self.id,
+                        pending,
+                        "no pull request waiting a second after a reconnect; rebinding the consumer"
+                    );
+                    self.rebind = true;
+                }
+            }
+            OpDone::PullChecked(Err(e)) => {
+                self.stall.failed();
+                tracing::debug!(partition = self.id, error = %e, "asking for the consumer's info failed");
+            }
         }
+    }
+
+    /// Asks the server whether the consumer stream still has a pull request waiting
+    /// ([`stall`]).
+    fn check_pull(&mut self) {
+        let Some(consumer) = self.sweeper.clone() else {
+            self.stall.failed();
+            return;
+        };
+        self.ops.push(Box::pin(async move {
+            let res = consumer
+                .get_info()
+                .await
+                .map(|i| (i.num_waiting, i.num_pending))
+                .map_err(|e| e.to_string());
+            OpDone::PullChecked(res)
+        }));
     }
 
     /// Starts a sweep for jobs the client cannot read ([`crate::poison`]), one at a time.

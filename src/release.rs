@@ -34,6 +34,12 @@ type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> +
 /// default, which it counts from the first poll).
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long publishes still in flight when the connection comes back wait for their acks. Those
+/// sent on the old connection lost their acks with it; those the client queued meanwhile went
+/// out on the new one and are acked within a round trip. A publish that was stored but timed out
+/// here is retried, and `WEIR_RELEASED`'s duplicate window drops the copy.
+pub const RECONNECT_ACK_GRACE: Duration = Duration::from_secs(1);
+
 /// Publishes in flight, each with its deadline and the tag that says what to do once it is
 /// acknowledged.
 pub struct Pipeline<T> {
@@ -90,6 +96,16 @@ impl<T> Pipeline<T> {
                 Ok(())
             }
             Err(e) => Err((e, tag)),
+        }
+    }
+
+    /// Gives every publish in flight at most until `until` (after a reconnect; see
+    /// [`RECONNECT_ACK_GRACE`]).
+    pub fn shorten_deadlines(&mut self, until: tokio::time::Instant) {
+        for (_, deadline, _) in self.inflight.iter_mut() {
+            if *deadline > until {
+                *deadline = until;
+            }
         }
     }
 
