@@ -16,6 +16,8 @@
 //!    ([`scale`]).
 //! 11. (`sharq`) the SHARQ-compatible HTTP API under a concurrent load generator: enqueue,
 //!     bulk enqueue, dequeue + finish; requests/s and p99 ([`sharq`]).
+//! 12. (`sweep`) the sweep for unreadable jobs a reconnect starts, with `--sweep-held` unacked
+//!     jobs in each partition ([`sweep`]).
 //!
 //! Each NATS measure gets a fresh local nats-server (or, with `--nats-url`, fresh streams).
 
@@ -34,6 +36,7 @@ mod limits;
 mod raw;
 mod scale;
 mod sharq;
+mod sweep;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -92,11 +95,14 @@ pub struct BenchArgs {
     /// rate measure runs with it instead of the default.
     #[arg(long)]
     pub publish_window_per_key: Option<u32>,
+    /// Unacked jobs in each partition for `sweep` (Weir's default `max_held_per_partition`).
+    #[arg(long, default_value_t = 20_000)]
+    pub sweep_held: u64,
     /// Which measures to run, comma-separated: throughput, rate, latency, memory, limits, caps,
-    /// sharq, and scale (not in the default: it runs for several minutes).
+    /// sharq, sweep, and scale (not in the default: it runs for several minutes).
     #[arg(
         long,
-        default_value = "throughput,rate,latency,memory,limits,caps,sharq"
+        default_value = "throughput,rate,latency,memory,limits,caps,sharq,sweep"
     )]
     pub only: String,
 }
@@ -128,6 +134,9 @@ pub async fn main(a: BenchArgs) -> Result<(), BoxError> {
     }
     if want("sharq") {
         sharq::run(&a).await?;
+    }
+    if want("sweep") {
+        sweep::run(&a).await?;
     }
     if want("scale") {
         scale::run(&a).await?;
