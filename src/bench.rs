@@ -13,11 +13,11 @@
 //! 7. (`limits`) A limit write's time to effect; 8. (`caps`) a destination cap over two processes.
 //! 9. and 10. (`scale`, not run by default: it takes minutes) throughput with 1, 2 and 3 `weir
 //!    run` processes in a group, and the time a hand-over takes on `kill -9` and on SIGTERM
-//!    ([`scale`]).
+//!    (`bench/scale.rs`).
 //! 11. (`sharq`) the SHARQ-compatible HTTP API under a concurrent load generator: enqueue,
-//!     bulk enqueue, dequeue + finish; requests/s and p99 ([`sharq`]).
+//!     bulk enqueue, dequeue + finish; requests/s and p99 (`bench/sharq.rs`).
 //! 12. (`sweep`) the sweep for unreadable jobs a reconnect starts, with `--sweep-held` unacked
-//!     jobs in each partition ([`sweep`]).
+//!     jobs in each partition (`bench/sweep.rs`).
 //!
 //! Each NATS measure gets a fresh local nats-server (or, with `--nats-url`, fresh streams).
 

@@ -55,7 +55,7 @@
 //! - [`trace`]: W3C trace context: a "weir hold" span per traced job, its `traceparent` rewritten.
 //! - [`signal`]: the shutdown signal.
 //! - [`cli`]: the operator's commands: `weir limits` (NATS), `weir status` and `weir top` (admin API).
-//! - [`natsd`], [`load`], [`demo`], [`bench`]: a local nats-server, the load generator, the demo and
+//! - [`natsd`], [`load`], [`demo`], [`bench`](mod@bench): a local nats-server, the load generator, the demo and
 //!   the end-to-end benchmark.
 //! - [`chaos`]: long runs under injected faults (kill -9, NATS restarts), checked by the job
 //!   [`ledger`]; [`members`] drives the `weir run` subprocesses of `bench` and `chaos`.

@@ -8,7 +8,7 @@
 //! the connection (and every partition's deliveries in flight on it) would break again.
 //!
 //! [`check`] applies the parser's rules to a message's raw subject and header block and names
-//! what it would fail on. [`sweep`] reads a partition's unacked jobs through the JSON message
+//! what it would fail on. [`sweep()`] reads a partition's unacked jobs through the JSON message
 //! get (`$JS.API.STREAM.MSG.GET`), which carries the stored headers base64-encoded inside JSON
 //! and so cannot trip the parser, dead-letters each unreadable one with its payload intact and
 //! its original header block in `Weir-Raw-Headers`, and only then deletes it from `WEIR_JOBS`.

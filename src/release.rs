@@ -76,7 +76,7 @@ impl<T> Pipeline<T> {
         self.inflight.len() >= self.window
     }
 
-    /// Sends a publish; its ack is collected later by [`Pipeline::next`]. A publish that could not
+    /// Sends a publish; its ack is collected later by [`Pipeline::next_ack`]. A publish that could not
     /// even be sent comes back at once, with its tag.
     pub async fn publish(
         &mut self,

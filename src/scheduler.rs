@@ -283,8 +283,9 @@ impl<J: Routed> Scheduler<J> {
         }
     }
 
-    /// At most `n` release publishes of a key in flight at once (see [`InFlight`]); unbounded
-    /// until set. Every release must then be reported with [`Scheduler::release_done`].
+    /// At most `n` release publishes of a key in flight at once (counted in a map that holds only
+    /// the keys with releases in flight); unbounded until set. Every release must then be
+    /// reported with [`Scheduler::release_done`].
     pub fn with_key_window(mut self, n: u32) -> Self {
         self.in_flight.window = n.max(1);
         self

@@ -24,7 +24,7 @@ pub struct LoadArgs {
     /// Generate keys key-0 .. key-(N-1) instead of --keys.
     #[arg(long, default_value_t = 1)]
     pub key_count: usize,
-    /// Destination token of the subject jobs.<destination>.<key>.
+    /// Destination token of the subject `jobs.<destination>.<key>`.
     #[arg(long, default_value = "sms")]
     pub destination: String,
     /// Jobs per second per key; 0 = as fast as possible.
