@@ -33,9 +33,9 @@ use crate::scheduler::{Action, Caps, Held, Offer, Routed, Scheduler};
 use crate::status::{self, JobRecord, JobState, StatusStore};
 use crate::trace::Tracing;
 use crate::{dead, park};
+use governor::nanos::Nanos;
 
 mod stall;
-use governor::nanos::Nanos;
 
 /// A job in memory: what it takes to publish it on, and to ack its source.
 pub struct Job {
@@ -409,8 +409,7 @@ impl Partition {
                             self.sweep_unreadable();
                             self.stall.reconnected(tokio::time::Instant::now());
                         }
-                        let reading = !self.pubs.is_full() && self.backoff.until().is_none() && !self.in_doubt;
-                        if self.stall.tick(tokio::time::Instant::now(), reading) {
+                        if self.stall.tick(tokio::time::Instant::now(), self.reading()) {
                             self.check_pull();
                         }
                         // Eviction checks every idle key: every 2 s is plenty.
@@ -432,7 +431,7 @@ impl Partition {
                             }
                         }
                     }
-                    m = messages.next(), if !self.pubs.is_full() && holding.is_none() && !self.in_doubt => match m {
+                    m = messages.next(), if self.reading() => match m {
                         Some(Ok(m)) => {
                             self.stall.heard();
                             self.on_message(m).await
@@ -878,6 +877,12 @@ impl Partition {
                 tracing::debug!(partition = self.id, error = %e, "asking for the consumer's info failed");
             }
         }
+    }
+
+    /// Whether the partition reads its consumer stream now: not while its publish window is
+    /// full, a refusal's backoff holds it, or publishes are in doubt after a broken connection.
+    fn reading(&self) -> bool {
+        !self.pubs.is_full() && self.backoff.until().is_none() && !self.in_doubt
     }
 
     /// Asks the server whether the consumer stream still has a pull request waiting

@@ -76,8 +76,8 @@ impl<T> Pipeline<T> {
         self.inflight.len() >= self.window
     }
 
-    /// Sends a publish; its ack is collected later by [`Pipeline::next_ack`]. A publish that could not
-    /// even be sent comes back at once, with its tag.
+    /// Sends a publish; its ack is collected later by [`Pipeline::next_ack`]. A publish that
+    /// could not even be sent comes back at once, with its tag.
     pub async fn publish(
         &mut self,
         subject: String,
