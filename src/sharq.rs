@@ -23,7 +23,7 @@
 //! Modules: [`enqueue`] (single and bulk, and the pipelined publishing also behind the admin
 //! API's `POST /v1/jobs:batch`), [`dequeue`] (dequeue, finish, requeue), [`forward`] (a finish
 //! that reaches a process not holding the job), [`queues`] (interval, metrics, deletequeue,
-//! deepstatus).
+//! deepstatus), [`gather`] (metrics added up over every process).
 
 use std::sync::Arc;
 
@@ -42,6 +42,7 @@ pub mod dequeue;
 pub mod enqueue;
 mod feed;
 pub mod forward;
+pub mod gather;
 pub mod queues;
 pub mod status;
 

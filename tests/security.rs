@@ -449,8 +449,9 @@ async fn start_watched(env: &Env, toml: &str, seen: Arc<Mutex<Vec<String>>>) -> 
 /// What the SHARQ-compatible API adds to [`WEIR_PERMISSIONS`], as the README lists it.
 const SHARQ_PUBLISH: &str = r#""jobs.>", "$JS.API.CONSUMER.CREATE.WEIR_RELEASED.>"
       "$JS.API.CONSUMER.INFO.WEIR_RELEASED.*", "$JS.API.CONSUMER.MSG.NEXT.WEIR_RELEASED.*"
-      "$JS.ACK.WEIR_RELEASED.>", "$JS.API.STREAM.PURGE.WEIR_RELEASED", "weir.sharq.finish""#;
-const SHARQ_SUBSCRIBE: &str = r#""weir.sharq.finish""#;
+      "$JS.ACK.WEIR_RELEASED.>", "$JS.API.STREAM.PURGE.WEIR_RELEASED", "weir.sharq.finish"
+      "weir.sharq.metrics""#;
+const SHARQ_SUBSCRIBE: &str = r#""weir.sharq.finish", "weir.sharq.metrics""#;
 
 /// Two Weir processes serving the SHARQ API under [`WEIR_PERMISSIONS`] plus the README's
 /// SHARQ additions: enqueue (single and bulk), dequeue, a finish forwarded from the other
@@ -472,6 +473,7 @@ async fn sharq_api_runs_with_its_documented_permissions() {
             ),
         );
     assert_eq!(perms.matches("weir.sharq.finish").count(), 2, "{perms}");
+    assert_eq!(perms.matches("weir.sharq.metrics").count(), 2, "{perms}");
     let env = with_users(
         &dir,
         &format!("{{ user: weir, password: weir, permissions: {perms} }}\n"),

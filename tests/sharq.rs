@@ -306,6 +306,48 @@ async fn a_finish_reaches_the_process_that_handed_the_job_out() {
     }
 }
 
+/// Behind one address, `GET /metrics/...` reaches any process: each answers for the whole
+/// group, the others' counts added to its own (asked on core NATS), as SHARQ's Redis did.
+#[tokio::test]
+async fn metrics_add_up_over_the_processes() {
+    let env = Env::start().await;
+    let (a, sharq_a) = InProc::start_sharq(&env, TOML).await;
+    let (b, sharq_b) = InProc::start_sharq(&env, TOML).await;
+    wait_members(&[a.http, b.http], 2).await;
+    for (sharq, path, id) in [
+        (sharq_a, "/enqueue/sms/m1/", "e1"),
+        (sharq_a, "/enqueue/sms/m1/", "e2"),
+        (sharq_b, "/enqueue/sms/m2/", "e3"),
+    ] {
+        assert_eq!(enqueue(sharq, path, id, 0).await.0, 201);
+    }
+    assert_eq!(dequeue(sharq_b, "sms", 10_000).await.0, 200);
+    // Summed over the ten minutes: the run may straddle a minute.
+    let total = |v: &Value, which: &str| -> u64 {
+        v[which]
+            .as_object()
+            .unwrap_or_else(|| panic!("{which} in {v}"))
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum()
+    };
+    for sharq in [sharq_a, sharq_b] {
+        let (code, v) = http_json(sharq, "GET", "/metrics/", None).await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["queue_types"], json!(["sms"]));
+        assert_eq!(v["enqueue_counts"].as_object().unwrap().len(), 10);
+        assert_eq!(
+            (total(&v, "enqueue_counts"), total(&v, "dequeue_counts")),
+            (3, 1),
+            "{v}"
+        );
+        let (_, v) = http_json(sharq, "GET", "/metrics/sms/", None).await;
+        assert_eq!(v["queue_ids"], json!(["m1", "m2"]), "{v}");
+        let (_, v) = http_json(sharq, "GET", "/metrics/sms/m1/", None).await;
+        assert_eq!(total(&v, "enqueue_counts"), 2, "{v}");
+    }
+}
+
 #[tokio::test]
 async fn requeued_after_expiry_up_to_the_limit_then_dead_lettered() {
     let env = Env::start().await;

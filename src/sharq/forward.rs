@@ -64,7 +64,7 @@ impl Forward {
     /// How many other processes should answer, when known: not with a static split, nor
     /// before the group's first view is out (it holds this process once its watcher has read
     /// the bucket).
-    fn others(&self) -> Option<usize> {
+    pub fn others(&self) -> Option<usize> {
         let view = self.view.as_ref()?;
         let v = view.borrow();
         let me = v.members.contains_key(&self.me);

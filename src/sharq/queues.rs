@@ -35,6 +35,8 @@ use crate::limits::store::{Store, StoreError};
 use crate::limits::{Entry, LimitJson, Limits, Source};
 
 pub use super::counters::Counters;
+use super::counters::Scope;
+use super::gather;
 
 /// How long an enqueue waits for a changed interval to be in force.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
@@ -249,10 +251,11 @@ pub async fn interval(
 
 /// `GET /metrics/`: queue types and the global counts.
 pub async fn metrics_all(State(s): State<SharqState>) -> Response {
-    let (enq, deq) = s.counters.global(super::now_ms());
+    let part = gather::part(&s, &Scope::All).await;
+    let (enq, deq) = part.counts(super::now_ms());
     Json(json!({
         "status": "success",
-        "queue_types": s.counters.queue_types(),
+        "queue_types": part.names,
         "enqueue_counts": enq,
         "dequeue_counts": deq,
     }))
@@ -270,7 +273,8 @@ pub async fn metrics_type(
     if let Err(m) = check_id("queue_type", &t) {
         return failure(StatusCode::BAD_REQUEST, m);
     }
-    Json(json!({"status": "success", "queue_ids": s.counters.queue_ids(&t)})).into_response()
+    let part = gather::part(&s, &Scope::Type(t)).await;
+    Json(json!({"status": "success", "queue_ids": part.names})).into_response()
 }
 
 /// `GET /metrics/<queue_type>/<queue_id>/`: the queue's length and counts.
@@ -286,7 +290,9 @@ pub async fn metrics_queue(
         Ok(n) => n,
         Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e),
     };
-    let (enq, deq) = s.counters.queue(&t, &q, super::now_ms());
+    let (enq, deq) = gather::part(&s, &Scope::Queue(t, q))
+        .await
+        .counts(super::now_ms());
     Json(json!({
         "status": "success",
         "queue_length": len,

@@ -1,0 +1,121 @@
+//! SHARQ's metrics for the whole group, whichever process a `GET /metrics/...` reaches.
+//!
+//! SHARQ kept its counts in Redis, so every sharq-server answered for all of them. A Weir
+//! process counts the requests it serves ([`counters`](super::counters)), so the one that gets
+//! `GET /metrics/...` asks the others on core NATS subject [`SUBJECT`] and adds their answers
+//! to its own:
+//!
+//! - the request's payload is the [`Scope`] (`all`, `type\n<queue_type>` or
+//!   `queue\n<queue_type>\n<queue_id>`), its header [`MEMBER`] the asking process (which ignores
+//!   its own request);
+//! - every process serving the API answers with its [`Part`] for that scope, in JSON;
+//! - the asking process adds up what arrives until every other member of the group (from
+//!   `WEIR_CLUSTER`) has answered, or [`WAIT`] at the latest ([`WAIT_UNCOUNTED`] when the others
+//!   cannot be counted: a static split knows no members). A process that does not answer in
+//!   time is left out of that answer, never waited for again.
+//!
+//! One request and one small reply per other process and metrics request; no JetStream.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::counters::{Part, Scope};
+use super::forward::MEMBER;
+use super::{Shared, SharqState};
+
+/// The core NATS subject metrics requests go out on.
+pub const SUBJECT: &str = "weir.sharq.metrics";
+/// The longest wait for the other members' parts.
+pub const WAIT: Duration = Duration::from_secs(1);
+/// The wait when the others cannot be counted: every answer that comes in that time is added.
+pub const WAIT_UNCOUNTED: Duration = Duration::from_millis(200);
+
+/// This process's part of `scope`, with every other process's that answers in time.
+pub async fn part(s: &Shared, scope: &Scope) -> Part {
+    let mut part = s.counters.part(scope);
+    let others = s.forward.others();
+    if others == Some(0) {
+        return part;
+    }
+    let client = &s.forward.client;
+    let inbox = client.new_inbox();
+    let mut answers = match client.subscribe(inbox.clone()).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ask the other processes for their SHARQ metrics");
+            return part;
+        }
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(MEMBER, s.forward.me.as_str());
+    let asked = client
+        .publish_with_reply_and_headers(SUBJECT, inbox, headers, Bytes::from(scope.encode()))
+        .await;
+    if let Err(e) = asked {
+        tracing::warn!(error = %e, "cannot ask the other processes for their SHARQ metrics");
+        return part;
+    }
+    let deadline = tokio::time::Instant::now() + others.map_or(WAIT_UNCOUNTED, |_| WAIT);
+    let mut heard = 0;
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
+        heard += 1;
+        match serde_json::from_slice::<Part>(&m.payload) {
+            Ok(p) => part.add(p),
+            Err(e) => tracing::warn!(error = %e, "a process answered SHARQ metrics unreadably"),
+        }
+        if others.is_some_and(|n| heard >= n) {
+            break;
+        }
+    }
+    if others.is_some_and(|n| heard < n) {
+        tracing::warn!(
+            ?others,
+            heard,
+            "SHARQ metrics without every process's counts"
+        );
+    }
+    part
+}
+
+/// Answers the other processes' metrics requests until `cancel`.
+pub async fn answer(state: SharqState, cancel: CancellationToken) {
+    let client = state.forward.client.clone();
+    let mut requests = match client.subscribe(SUBJECT).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot answer SHARQ metrics requests");
+            return;
+        }
+    };
+    loop {
+        let m = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = requests.next() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let Some(reply) = m.reply else { continue };
+        let asker = m.headers.as_ref().and_then(|h| h.get(MEMBER));
+        if asker.is_some_and(|a| a.as_str() == state.forward.me) {
+            continue;
+        }
+        let Some(scope) = std::str::from_utf8(&m.payload).ok().and_then(Scope::decode) else {
+            continue;
+        };
+        let body = match serde_json::to_vec(&state.counters.part(&scope)) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode SHARQ metrics");
+                continue;
+            }
+        };
+        if let Err(e) = client.publish(reply, body).await {
+            tracing::debug!(error = %e, "cannot answer a SHARQ metrics request");
+        }
+    }
+}
