@@ -121,6 +121,30 @@ impl Forward {
     }
 }
 
+/// The next request on `requests` from another process (this one's own, and messages without a
+/// reply subject, skipped), with its reply subject; `None` once `cancel` fires or the
+/// subscription ends.
+pub(super) async fn next_request(
+    requests: &mut async_nats::Subscriber,
+    me: &str,
+    cancel: &CancellationToken,
+) -> Option<(async_nats::Message, async_nats::Subject)> {
+    loop {
+        let m = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            m = requests.next() => m?,
+        };
+        let Some(reply) = m.reply.clone() else {
+            continue;
+        };
+        let asker = m.headers.as_ref().and_then(|h| h.get(MEMBER));
+        if asker.is_some_and(|a| a.as_str() == me) {
+            continue;
+        }
+        return Some((m, reply));
+    }
+}
+
 /// Answers the other processes' finish requests until `cancel`.
 pub async fn answer(state: SharqState, cancel: CancellationToken) {
     let client = state.forward.client.clone();
@@ -131,19 +155,7 @@ pub async fn answer(state: SharqState, cancel: CancellationToken) {
             return;
         }
     };
-    loop {
-        let m = tokio::select! {
-            _ = cancel.cancelled() => return,
-            m = requests.next() => match m {
-                Some(m) => m,
-                None => return,
-            },
-        };
-        let Some(reply) = m.reply else { continue };
-        let asker = m.headers.as_ref().and_then(|h| h.get(MEMBER));
-        if asker.is_some_and(|a| a.as_str() == state.forward.me) {
-            continue;
-        }
+    while let Some((m, reply)) = next_request(&mut requests, &state.forward.me, &cancel).await {
         let mut ids = std::str::from_utf8(&m.payload).unwrap_or("").split('\n');
         let (Some(t), Some(q), Some(j), None) = (ids.next(), ids.next(), ids.next(), ids.next())
         else {

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::counters::{Part, Scope};
-use super::forward::MEMBER;
+use super::forward::{next_request, MEMBER};
 use super::{Shared, SharqState};
 
 /// The core NATS subject metrics requests go out on.
@@ -91,19 +91,7 @@ pub async fn answer(state: SharqState, cancel: CancellationToken) {
             return;
         }
     };
-    loop {
-        let m = tokio::select! {
-            _ = cancel.cancelled() => return,
-            m = requests.next() => match m {
-                Some(m) => m,
-                None => return,
-            },
-        };
-        let Some(reply) = m.reply else { continue };
-        let asker = m.headers.as_ref().and_then(|h| h.get(MEMBER));
-        if asker.is_some_and(|a| a.as_str() == state.forward.me) {
-            continue;
-        }
+    while let Some((m, reply)) = next_request(&mut requests, &state.forward.me, &cancel).await {
         let Some(scope) = std::str::from_utf8(&m.payload).ok().and_then(Scope::decode) else {
             continue;
         };
