@@ -71,27 +71,34 @@ impl Forward {
         me.then(|| v.members.len() - 1)
     }
 
+    /// Sends `body` to the other processes on `subject`, signed with this process's
+    /// [`MEMBER`] name; their answers arrive on the returned subscription.
+    pub(super) async fn request(
+        &self,
+        subject: &'static str,
+        body: Bytes,
+    ) -> Result<async_nats::Subscriber, async_nats::Error> {
+        let inbox = self.client.new_inbox();
+        let answers = self.client.subscribe(inbox.clone()).await?;
+        let mut headers = HeaderMap::new();
+        headers.insert(MEMBER, self.me.as_str());
+        self.client
+            .publish_with_reply_and_headers(subject, inbox, headers, body)
+            .await?;
+        Ok(answers)
+    }
+
     /// Asks the other processes to finish a job this one does not hold.
     pub async fn ask(&self, queue_type: &str, queue_id: &str, job_id: &str) -> Finished {
         let others = self.others();
         if others == Some(0) {
             return Finished::NotHeld;
         }
-        let inbox = self.client.new_inbox();
-        let mut answers = match self.client.subscribe(inbox.clone()).await {
-            Ok(s) => s,
+        let body = Bytes::from(format!("{queue_type}\n{queue_id}\n{job_id}"));
+        let mut answers = match self.request(SUBJECT, body).await {
+            Ok(a) => a,
             Err(e) => return Finished::Failed(format!("cannot ask the other processes: {e}")),
         };
-        let mut headers = HeaderMap::new();
-        headers.insert(MEMBER, self.me.as_str());
-        let body = Bytes::from(format!("{queue_type}\n{queue_id}\n{job_id}"));
-        let sent = self
-            .client
-            .publish_with_reply_and_headers(SUBJECT, inbox, headers, body)
-            .await;
-        if let Err(e) = sent {
-            return Finished::Failed(format!("cannot ask the other processes: {e}"));
-        }
         let deadline = tokio::time::Instant::now() + WAIT;
         let (mut nays, mut failed) = (0, None);
         while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {

@@ -6,8 +6,8 @@
 //! to its own:
 //!
 //! - the request's payload is the [`Scope`] (`all`, `type\n<queue_type>` or
-//!   `queue\n<queue_type>\n<queue_id>`), its header [`MEMBER`] the asking process (which ignores
-//!   its own request);
+//!   `queue\n<queue_type>\n<queue_id>`), its header [`MEMBER`](super::forward::MEMBER) the
+//!   asking process (which ignores its own request);
 //! - every process serving the API answers with its [`Part`] for that scope, in JSON;
 //! - the asking process adds up what arrives until every other member of the group (from
 //!   `WEIR_CLUSTER`) has answered, or [`WAIT`] at the latest ([`WAIT_UNCOUNTED`] when the others
@@ -18,13 +18,12 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::counters::{Part, Scope};
-use super::forward::{next_request, MEMBER};
+use super::forward::next_request;
 use super::{Shared, SharqState};
 
 /// The core NATS subject metrics requests go out on.
@@ -41,24 +40,17 @@ pub async fn part(s: &Shared, scope: &Scope) -> Part {
     if others == Some(0) {
         return part;
     }
-    let client = &s.forward.client;
-    let inbox = client.new_inbox();
-    let mut answers = match client.subscribe(inbox.clone()).await {
+    let mut answers = match s
+        .forward
+        .request(SUBJECT, Bytes::from(scope.encode()))
+        .await
+    {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "cannot ask the other processes for their SHARQ metrics");
             return part;
         }
     };
-    let mut headers = HeaderMap::new();
-    headers.insert(MEMBER, s.forward.me.as_str());
-    let asked = client
-        .publish_with_reply_and_headers(SUBJECT, inbox, headers, Bytes::from(scope.encode()))
-        .await;
-    if let Err(e) = asked {
-        tracing::warn!(error = %e, "cannot ask the other processes for their SHARQ metrics");
-        return part;
-    }
     let deadline = tokio::time::Instant::now() + others.map_or(WAIT_UNCOUNTED, |_| WAIT);
     let mut heard = 0;
     while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
