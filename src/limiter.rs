@@ -129,6 +129,23 @@ impl Bucket<MonoClock> {
     }
 }
 
+impl Bucket<MonoClock> {
+    /// Takes the token due at `at` (from a failed [`Bucket::try_take`]) already now, so that no
+    /// one else sharing the bucket can take it: as if it were taken at `at`, which the caller
+    /// then waits for. Fails (with the next due time) when someone else was first.
+    pub fn claim(&self, at: Nanos) -> Result<(), Nanos> {
+        let before = DECIDE_AT.with(|c| c.replace(at.as_u64().max(1)));
+        let r = self.try_take();
+        DECIDE_AT.with(|c| c.set(before));
+        r
+    }
+}
+
+/// The moment bucket decisions are taken as of now: [`now`], or inside [`decide_at`] its time.
+pub fn decision_time() -> Nanos {
+    MonoClock.now()
+}
+
 impl<C: Clock<Instant = Nanos>> Bucket<C> {
     pub fn with_clock(limit: &Limit, clock: C) -> Self {
         Bucket {

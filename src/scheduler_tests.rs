@@ -606,6 +606,67 @@ async fn a_destination_cap_bounds_the_sum_over_keys_and_shares_it_fairly() {
     assert_eq!(other, 50);
 }
 
+/// Two partitions share a destination's bucket, and their timers for it fall due at the same
+/// moment. The one whose task runs first must not take every token: a partition that finds the
+/// bucket empty claims the next token, so they take turns.
+#[tokio::test(start_paused = true)]
+async fn partitions_sharing_a_cap_take_turns() {
+    let caps = capped("sms", "20/s", 2);
+    let config = "[limits.default]\nrate = \"100/s\"\nburst = 5";
+    let (mut a, mut b) = (sched(config, 60_000), sched(config, 60_000));
+    a.set_caps(&caps, now());
+    b.set_caps(&caps, now());
+    for seq in 1..=400 {
+        a.offer("hot", seq, false, (seq, "sms"), now());
+    }
+    for seq in 401..=410 {
+        b.offer("cold", seq, false, (seq, "sms"), now());
+    }
+    let start = now().as_u64();
+    let mut rel: Vec<(u64, String)> = Vec::new();
+    loop {
+        for s in [&mut a, &mut b] {
+            let mut acts = Vec::new();
+            s.take_actions(&mut acts);
+            for act in acts {
+                if let Action::Release { key, .. } = act {
+                    rel.push(((now().as_u64() - start) / 1_000_000, key.to_string()));
+                    s.release_done(&key, None, true, now());
+                }
+            }
+        }
+        let Some(w) = a.next_wake().into_iter().chain(b.next_wake()).min() else {
+            break;
+        };
+        if w.as_u64() > start + 3_000_000_000 {
+            break;
+        }
+        tokio::time::advance(Duration::from_nanos(
+            w.as_u64().saturating_sub(now().as_u64()),
+        ))
+        .await;
+        // Always in this order: `a` runs first every time.
+        a.fire(now());
+        b.fire(now());
+    }
+    let cold: Vec<u64> = rel.iter().filter(|r| r.1 == "cold").map(|r| r.0).collect();
+    assert_eq!(cold.len(), 10, "the cold key's jobs all left within 3 s");
+    // Turns: one token in two for each, so the cold key's 10 jobs leave within about 1 s.
+    assert!(cold[9] <= 1_200, "cold jobs at {cold:?} ms");
+    let times: Vec<u64> = rel.iter().map(|r| r.0).collect();
+    for (i, &x) in times.iter().enumerate() {
+        for (j, &y) in times.iter().enumerate().skip(i) {
+            assert!(
+                (j - i + 1) as u64 <= 2 + (y - x) / 50,
+                "{} releases in {} ms",
+                j - i + 1,
+                y - x
+            );
+        }
+    }
+    assert!(times.len() >= 55, "the cap is used: {} in 3 s", times.len());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_destination_cap_removed_releases_its_queue_at_the_keys_rates() {
     let mut s = sched("[limits.default]\nrate = \"100/s\"", 60_000);
