@@ -91,9 +91,26 @@ enum Tag {
         status: Status,
     },
     Dead {
+        src_seq: u64,
         acker: Acker,
         status: Status,
     },
+}
+
+impl Tag {
+    /// The source job this publish settles, if it is unacked in `WEIR_JOBS`.
+    fn unacked_seq(&self) -> Option<u64> {
+        match self {
+            Tag::Release {
+                src_seq,
+                acker: Some(_),
+                ..
+            }
+            | Tag::Park { src_seq, .. }
+            | Tag::Dead { src_seq, .. } => Some(*src_seq),
+            Tag::Release { acker: None, .. } => None,
+        }
+    }
 }
 
 /// The status to record once the publish is acked: only for jobs with a `Weir-Job-Id` (boxed:
@@ -114,6 +131,8 @@ enum OpDone {
         below: u64,
         ok: bool,
     },
+    /// The consumer's unacked range, asked to start a sweep for unreadable jobs.
+    SweepRange(Result<crate::poison::Unacked, String>),
     /// A sweep for unreadable jobs ([`crate::poison`]) finished.
     Swept(Result<crate::poison::Swept, String>),
     /// The consumer's pull requests waiting and jobs pending, asked after a quiet reconnect
@@ -570,7 +589,16 @@ impl Partition {
         let acker = job.acker.take().expect("fresh job");
         if let Err((e, tag)) = self
             .pubs
-            .publish(subject, h, job.payload, Tag::Dead { acker, status })
+            .publish(
+                subject,
+                h,
+                job.payload,
+                Tag::Dead {
+                    src_seq: seq,
+                    acker,
+                    status,
+                },
+            )
             .await
         {
             self.on_published(Err(e), tag).await;
@@ -782,7 +810,7 @@ impl Partition {
                 }
                 self.sched.parked(&key, ok, now());
             }
-            Tag::Dead { acker, status } => {
+            Tag::Dead { acker, status, .. } => {
                 self.record(ok, status);
                 if ok {
                     ack(acker).await
@@ -841,27 +869,19 @@ impl Partition {
                 self.sched.loaded(&key, res.map(|o| o.map(|b| *b)), now())
             }
             OpDone::Purged { key, below, ok } => self.sched.purged(&key, below, ok, now()),
-            OpDone::Swept(res) => {
-                match res {
-                    Ok(swept) => {
-                        for dest in &swept.dests {
-                            self.metrics.dead(dest, crate::poison::UNREADABLE);
-                        }
-                        tracing::debug!(
-                            partition = self.id,
-                            checked = swept.checked,
-                            dead = swept.dests.len(),
-                            "swept for unreadable jobs"
-                        );
-                    }
-                    Err(e) => {
-                        tracing::warn!(partition = self.id, error = %e, "sweeping for unreadable jobs failed; sweeping again after the next reconnect")
-                    }
-                }
-                if self.sweeping.take() == Some(true) {
-                    self.sweep_unreadable();
-                }
+            OpDone::SweepRange(Ok(range)) => {
+                // Taken now, after the server answered (see `Unacked::unknown`).
+                let known = self.unacked_seqs();
+                let (js, id) = (self.js.clone(), self.id);
+                self.ops.push(Box::pin(async move {
+                    let res = crate::poison::sweep(&js, id, range, &known)
+                        .await
+                        .map_err(|e| e.to_string());
+                    OpDone::Swept(res)
+                }));
             }
+            OpDone::SweepRange(Err(e)) => self.swept(Err(e)),
+            OpDone::Swept(res) => self.swept(res),
             OpDone::PullChecked(Ok((waiting, pending))) => {
                 if self.stall.answered(waiting, pending) {
                     tracing::info!(
@@ -877,6 +897,41 @@ impl Partition {
                 tracing::debug!(partition = self.id, error = %e, "asking for the consumer's info failed");
             }
         }
+    }
+
+    /// A sweep for unreadable jobs ended; another starts if a reconnect came meanwhile.
+    fn swept(&mut self, res: Result<crate::poison::Swept, String>) {
+        match res {
+            Ok(swept) => {
+                for dest in &swept.dests {
+                    self.metrics.dead(dest, crate::poison::UNREADABLE);
+                }
+                tracing::debug!(
+                    partition = self.id,
+                    checked = swept.checked,
+                    gets = swept.gets,
+                    dead = swept.dests.len(),
+                    "swept for unreadable jobs"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(partition = self.id, error = %e, "sweeping for unreadable jobs failed; sweeping again after the next reconnect")
+            }
+        }
+        if self.sweeping.take() == Some(true) {
+            self.sweep_unreadable();
+        }
+    }
+
+    /// The source sequences of every job this partition holds unacked (in memory, handed back
+    /// and expected again, or in a publish in flight), sorted: jobs it read, so readable.
+    fn unacked_seqs(&self) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.sched.stats().held + self.pubs.len());
+        self.sched.unacked_seqs(&mut out);
+        out.extend(self.pubs.tags().filter_map(Tag::unacked_seq));
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// Whether the partition reads its consumer stream now: not while its publish window is
@@ -912,12 +967,12 @@ impl Partition {
             return;
         };
         self.sweeping = Some(false);
-        let (js, id) = (self.js.clone(), self.id);
         self.ops.push(Box::pin(async move {
-            let res = crate::poison::sweep(&js, consumer, id)
+            let mut consumer = consumer;
+            let res = crate::poison::Unacked::of(&mut consumer)
                 .await
                 .map_err(|e| e.to_string());
-            OpDone::Swept(res)
+            OpDone::SweepRange(res)
         }));
     }
 
@@ -937,7 +992,7 @@ impl Partition {
             }
             tries += 1;
             self.connects = after;
-            match crate::poison::sweep(&self.js, consumer.clone(), self.id).await {
+            match crate::poison::sweep_all(&self.js, consumer.clone(), self.id).await {
                 Ok(swept) => {
                     for dest in &swept.dests {
                         self.metrics.dead(dest, crate::poison::UNREADABLE);

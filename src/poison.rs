@@ -13,11 +13,14 @@
 //! and so cannot trip the parser, dead-letters each unreadable one with its payload intact and
 //! its original header block in `Weir-Raw-Headers`, and only then deletes it from `WEIR_JOBS`.
 //! A partition sweeps after every reconnect of the client (a poison's only visible trace), and
-//! when listing its unacked jobs at start failed because the connection broke. Nothing is added
-//! to the per-job path.
+//! when listing its unacked jobs at start failed because the connection broke. After a
+//! reconnect it reads only what it cannot account for: the jobs it holds unacked were read, so
+//! are readable; when the consumer counts no other unacked job the sweep is one info request,
+//! and otherwise it walks the gaps between the held jobs, several at a time
+//! ([`sweep::Unacked`]). Nothing is added to the per-job path.
 
 pub mod sweep;
-pub use sweep::{sweep, Swept};
+pub use sweep::{sweep, sweep_all, Swept, Unacked};
 
 /// The `weir.dead_reason` metric kind for a job async-nats cannot read.
 pub const UNREADABLE: &str = "unreadable";

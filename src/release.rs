@@ -76,6 +76,11 @@ impl<T> Pipeline<T> {
         self.inflight.len() >= self.window
     }
 
+    /// The tags of the publishes in flight, oldest first.
+    pub fn tags(&self) -> impl Iterator<Item = &T> {
+        self.inflight.iter().map(|(_, _, t)| t)
+    }
+
     /// Sends a publish; its ack is collected later by [`Pipeline::next_ack`]. A publish that
     /// could not even be sent comes back at once, with its tag.
     pub async fn publish(

@@ -317,6 +317,18 @@ impl<J: Routed> Scheduler<J> {
         out
     }
 
+    /// Appends the source sequences of the fresh jobs held in memory (unacked in `WEIR_JOBS`)
+    /// and of those handed back and expected again (fences): the unacked jobs the partition
+    /// knows of, for the sweep after a reconnect ([`crate::poison::Unacked::unknown`]).
+    /// Unsorted; O(jobs held), asked once per reconnect.
+    pub fn unacked_seqs(&self, out: &mut Vec<u64>) {
+        for b in self.keys.values().filter_map(|st| st.busy.as_deref()) {
+            let fresh = b.queue.iter().filter(|h| h.park_seq.is_none());
+            out.extend(fresh.map(|h| h.src_seq));
+            out.extend(&b.fence);
+        }
+    }
+
     /// When [`Scheduler::fire`] should next be called.
     pub fn next_wake(&self) -> Option<Nanos> {
         let key = self.timers.peek().map(|Reverse((t, _))| *t);
