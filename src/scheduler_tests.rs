@@ -546,6 +546,20 @@ async fn run_for(
     out
 }
 
+/// The GCRA bound on release times (ms, sorted): at most `burst + floor(t / T)` in any window.
+fn assert_bound(times_ms: &[u64], burst: u64, period_ms: u64) {
+    for (i, &a) in times_ms.iter().enumerate() {
+        for (j, &b) in times_ms.iter().enumerate().skip(i) {
+            assert!(
+                (j - i + 1) as u64 <= burst + (b - a) / period_ms,
+                "{} releases in {} ms",
+                j - i + 1,
+                b - a
+            );
+        }
+    }
+}
+
 fn capped(dest: &str, rate: &str, burst: u32) -> Caps {
     let limit = crate::config::Limit {
         rate: rate.parse().unwrap(),
@@ -579,17 +593,7 @@ async fn a_destination_cap_bounds_the_sum_over_keys_and_shares_it_fairly() {
     }
     let rel = run_for(&mut s, 5).await;
     let sms: Vec<u64> = rel.iter().filter(|r| r.2 == "sms").map(|r| r.0).collect();
-    // GCRA bound on the sum: at most burst + floor(t / T) in any window.
-    for (i, &a) in sms.iter().enumerate() {
-        for (j, &b) in sms.iter().enumerate().skip(i) {
-            assert!(
-                (j - i + 1) as u64 <= 2 + (b - a) / 50,
-                "{} sms releases in {} ms",
-                j - i + 1,
-                b - a
-            );
-        }
-    }
+    assert_bound(&sms, 2, 50);
     assert!(
         sms.len() >= 95,
         "the cap is used: {} in 5 s at 20/s",
@@ -654,16 +658,7 @@ async fn partitions_sharing_a_cap_take_turns() {
     // Turns: one token in two for each, so the cold key's 10 jobs leave within about 1 s.
     assert!(cold[9] <= 1_200, "cold jobs at {cold:?} ms");
     let times: Vec<u64> = rel.iter().map(|r| r.0).collect();
-    for (i, &x) in times.iter().enumerate() {
-        for (j, &y) in times.iter().enumerate().skip(i) {
-            assert!(
-                (j - i + 1) as u64 <= 2 + (y - x) / 50,
-                "{} releases in {} ms",
-                j - i + 1,
-                y - x
-            );
-        }
-    }
+    assert_bound(&times, 2, 50);
     assert!(times.len() >= 55, "the cap is used: {} in 3 s", times.len());
 }
 
