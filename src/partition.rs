@@ -963,12 +963,11 @@ impl Partition {
             *again = true;
             return;
         }
-        let Some(consumer) = self.sweeper.clone() else {
+        let Some(mut consumer) = self.sweeper.clone() else {
             return;
         };
         self.sweeping = Some(false);
         self.ops.push(Box::pin(async move {
-            let mut consumer = consumer;
             let res = crate::poison::Unacked::of(&mut consumer)
                 .await
                 .map_err(|e| e.to_string());
