@@ -277,25 +277,27 @@ pub async fn run(
     let status_hook: Arc<dyn sharq::StatusHook> = Arc::new(status.clone());
     let publisher = sharq::Publisher::new(client.clone(), status_hook.clone());
     if let Some(listener) = sharq_listener {
+        let dequeue = sharq::dequeue::Dequeue::new(
+            topo.released.clone(),
+            js.clone(),
+            config.sharq.clone(),
+            status_hook.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        );
         let shared = Arc::new(sharq::Shared {
             settings: config.sharq.clone(),
             client: client.clone(),
             publisher: publisher.clone(),
             intervals: sharq::queues::Intervals::new(store.clone(), limits.clone()),
             counters: sharq::queues::Counters::default(),
-            lengths: Arc::new(sharq::queues::QueueLengths::new(
-                topo.jobs.clone(),
-                topo.park.clone(),
+            lengths: Arc::new(sharq::lengths::QueueLengths::new(
+                client.clone(),
+                &topo,
                 config.partitions,
+                dequeue.feeders(),
             )),
-            dequeue: sharq::dequeue::Dequeue::new(
-                topo.released.clone(),
-                js.clone(),
-                config.sharq.clone(),
-                status_hook.clone(),
-                tracker.clone(),
-                cancel.clone(),
-            ),
+            dequeue,
             inspect: inspect.clone(),
             released: topo.released.clone(),
             status: status_hook.clone(),

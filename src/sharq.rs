@@ -23,7 +23,8 @@
 //! Modules: [`enqueue`] (single and bulk, and the pipelined publishing also behind the admin
 //! API's `POST /v1/jobs:batch`), [`dequeue`] (dequeue, finish, requeue), [`forward`] (a finish
 //! that reaches a process not holding the job), [`queues`] (interval, metrics, deletequeue,
-//! deepstatus), [`gather`] (metrics added up over every process).
+//! deepstatus), [`lengths`] (how many of a queue's jobs wait), [`gather`] (metrics added up
+//! over every process).
 
 use std::sync::Arc;
 
@@ -43,6 +44,7 @@ pub mod enqueue;
 mod feed;
 pub mod forward;
 pub mod gather;
+pub mod lengths;
 pub mod queues;
 pub mod status;
 
@@ -132,7 +134,7 @@ pub struct Shared {
     pub publisher: Publisher,
     pub intervals: queues::Intervals,
     pub counters: queues::Counters,
-    pub lengths: Arc<queues::QueueLengths>,
+    pub lengths: Arc<lengths::QueueLengths>,
     pub dequeue: dequeue::Dequeue,
     pub inspect: crate::inspect::Partitions,
     pub released: async_nats::jetstream::stream::Stream,

@@ -119,7 +119,10 @@ pub async fn ensure(js: &Context, c: &Config) -> Result<Topology, TopologyError>
         ..Default::default()
     };
     let jobs = ensure_stream(js, jobs_cfg).await?;
-    let released = ensure_stream(js, plain(job::RELEASED_STREAM, "released.>", c.replicas)).await?;
+    let mut released_cfg = plain(job::RELEASED_STREAM, "released.>", c.replicas);
+    // The SHARQ API counts a queue's released jobs not yet dequeued with a batched direct get.
+    released_cfg.allow_direct = true;
+    let released = ensure_stream(js, released_cfg).await?;
     let dead = ensure_stream(js, plain(job::DEAD_STREAM, "dead.>", c.replicas)).await?;
     let mut park_cfg = plain(job::PARK_STREAM, "park.>", c.replicas);
     // Parked jobs are read back per key with direct get (next message for a subject after a
@@ -132,6 +135,26 @@ pub async fn ensure(js: &Context, c: &Config) -> Result<Topology, TopologyError>
         park,
         dead,
     })
+}
+
+/// Turns `allow_direct` on for a stream made without it; without permission to, logs what is
+/// lost and goes on. Returns the configuration in force.
+async fn allow_direct(js: &Context, have: StreamConfig) -> StreamConfig {
+    let name = have.name.clone();
+    let want = StreamConfig {
+        allow_direct: true,
+        ..have.clone()
+    };
+    match js.update_stream(want).await {
+        Ok(info) => {
+            tracing::info!(stream = %name, "allow_direct turned on");
+            info.config
+        }
+        Err(e) => {
+            tracing::warn!(stream = %name, error = %e, "cannot turn allow_direct on (give Weir $JS.API.STREAM.UPDATE.{name} once, or update the stream): SHARQ queue lengths leave out released jobs not yet dequeued");
+            have
+        }
+    }
 }
 
 fn plain(name: &str, subject: &str, replicas: usize) -> StreamConfig {
@@ -154,7 +177,7 @@ async fn ensure_stream(js: &Context, want: StreamConfig) -> Result<Stream, Topol
     };
     match js.get_stream(name).await {
         Ok(mut s) => {
-            let have = s
+            let mut have = s
                 .info()
                 .await
                 .map_err(req(format!("info of {name}")))?
@@ -182,7 +205,11 @@ async fn ensure_stream(js: &Context, want: StreamConfig) -> Result<Stream, Topol
                 &t(&want),
                 "set `partitions` to the count the stream was made with, or drain and delete WEIR_JOBS",
             )?;
-            if want.allow_direct && !have.allow_direct {
+            if want.allow_direct && !have.allow_direct && name == job::RELEASED_STREAM {
+                // Made before Weir counted released jobs; only that count needs it.
+                have = allow_direct(js, have).await;
+            }
+            if want.allow_direct && !have.allow_direct && name != job::RELEASED_STREAM {
                 return Err(TopologyError::Mismatch {
                     stream: name,
                     field: "allow_direct",

@@ -450,7 +450,7 @@ async fn start_watched(env: &Env, toml: &str, seen: Arc<Mutex<Vec<String>>>) -> 
 const SHARQ_PUBLISH: &str = r#""jobs.>", "$JS.API.CONSUMER.CREATE.WEIR_RELEASED.>"
       "$JS.API.CONSUMER.INFO.WEIR_RELEASED.*", "$JS.API.CONSUMER.MSG.NEXT.WEIR_RELEASED.*"
       "$JS.ACK.WEIR_RELEASED.>", "$JS.API.STREAM.PURGE.WEIR_RELEASED", "weir.sharq.finish"
-      "weir.sharq.metrics""#;
+      "weir.sharq.metrics", "$JS.API.DIRECT.GET.WEIR_RELEASED""#;
 const SHARQ_SUBSCRIBE: &str = r#""weir.sharq.finish", "weir.sharq.metrics""#;
 
 /// Two Weir processes serving the SHARQ API under [`WEIR_PERMISSIONS`] plus the README's

@@ -529,3 +529,89 @@ async fn job_status_follows_a_job_through_the_api() {
     let (code, _) = http_json(sharq, "GET", &format!("/status/sms/bob/{JOB}/"), None).await;
     assert_eq!(code, 404);
 }
+
+/// Released jobs no worker has dequeued still count in the queue's length: as SHARQ counts
+/// them, and so that `max_queued_length` holds producers back while workers are away.
+#[tokio::test]
+async fn released_jobs_count_until_dequeued() {
+    let (_env, w, sharq) = start().await;
+    let ids: Vec<String> = (0..5).map(|i| format!("r{i}")).collect();
+    for id in &ids {
+        let (code, v) = enqueue(sharq, "/enqueue/sms/away/", id, 0).await;
+        assert_eq!(code, 201, "{v}");
+    }
+    let length = || async {
+        let (code, v) = http_json(sharq, "GET", "/metrics/sms/away/", None).await;
+        assert_eq!(code, 200, "{v}");
+        v["queue_length"].as_u64().expect("a length")
+    };
+    // All five released (interval 0) and none dequeued: the length is still 5.
+    eventually("5 released, 5 counted", Duration::from_secs(10), || async {
+        for id in &ids {
+            let (_, v) = http_json(w.http, "GET", &format!("/v1/jobs/{id}"), None).await;
+            if v["state"] != "released" {
+                return Err(format!("{id}: {v}"));
+            }
+        }
+        match length().await {
+            5 => Ok(()),
+            n => Err(format!("length {n}")),
+        }
+    })
+    .await;
+    let full = json!({"job_id": "r5", "payload": {"max_queued_length": 5}, "interval": 0});
+    let (code, v) = http_json(sharq, "POST", "/enqueue/sms/away/", Some(&full)).await;
+    assert_eq!((code, &v["current_queue_length"]), (429, &json!(5)), "{v}");
+
+    // One dequeued: the other four wait in this process's prefetch buffer, still counted.
+    let (code, v) = dequeue(sharq, "sms", 5_000).await;
+    assert_eq!(code, 200, "{v}");
+    eventually("4 counted", Duration::from_secs(5), || async {
+        match length().await {
+            4 => Ok(()),
+            n => Err(format!("length {n}")),
+        }
+    })
+    .await;
+    for _ in 0..4 {
+        assert_eq!(dequeue(sharq, "sms", 5_000).await.0, 200);
+    }
+    eventually("0 counted", Duration::from_secs(5), || async {
+        match length().await {
+            0 => Ok(()),
+            n => Err(format!("length {n}")),
+        }
+    })
+    .await;
+}
+
+/// A `WEIR_RELEASED` made without direct gets (by an older Weir, or by hand) has them turned
+/// on at start, and released jobs are counted in it.
+#[tokio::test]
+async fn an_older_released_stream_gets_direct_gets() {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    let env = Env::start().await;
+    env.js
+        .create_stream(Config {
+            name: "WEIR_RELEASED".into(),
+            subjects: vec!["released.>".into()],
+            storage: StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .expect("create WEIR_RELEASED without allow_direct");
+    let (w, sharq) = InProc::start_sharq(&env, TOML).await;
+    let mut stream = env.js.get_stream("WEIR_RELEASED").await.expect("stream");
+    assert!(stream.info().await.expect("info").config.allow_direct);
+    enqueue(sharq, "/enqueue/sms/old/", "o1", 0).await;
+    eventually("released and counted", Duration::from_secs(10), || async {
+        let (_, job) = http_json(w.http, "GET", "/v1/jobs/o1", None).await;
+        let (_, m) = http_json(sharq, "GET", "/metrics/sms/old/", None).await;
+        match (job["state"].as_str(), m["queue_length"].as_u64()) {
+            (Some("released"), Some(1)) => Ok(()),
+            _ => Err(format!("{job} {m}")),
+        }
+    })
+    .await;
+}

@@ -66,12 +66,47 @@ pub struct Dequeue {
     js: Context,
     settings: SharqSettings,
     feeders: tokio::sync::Mutex<HashMap<String, Arc<Feeder>>>,
-    /// The same feeders, for the request path's lookup without an async lock.
-    ready: std::sync::RwLock<HashMap<String, Arc<Feeder>>>,
+    /// The same feeders, for the request path's lookup without an async lock (and for the
+    /// queue lengths, which count what they hold).
+    ready: Feeders,
     inflight: Arc<Mutex<HashMap<String, Held>>>,
     status: Arc<dyn StatusHook>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+}
+
+/// Each queue type's prefetch buffer, shared with [`QueueLengths`](super::lengths::QueueLengths).
+#[derive(Clone, Default)]
+pub struct Feeders(Arc<std::sync::RwLock<HashMap<String, Arc<Feeder>>>>);
+
+impl Feeders {
+    fn get(&self, queue_type: &str) -> Option<Arc<Feeder>> {
+        self.0.read().expect("lock").get(queue_type).cloned()
+    }
+
+    fn insert(&self, queue_type: &str, f: Arc<Feeder>) {
+        self.0
+            .write()
+            .expect("lock")
+            .insert(queue_type.to_string(), f);
+    }
+
+    /// Jobs of the queue this process holds prefetched, delivered at or before `WEIR_RELEASED`
+    /// sequence `upto`.
+    pub fn count(&self, queue_type: &str, queue_id: &str, upto: u64) -> u64 {
+        self.get(queue_type).map_or(0, |f| f.count(queue_id, upto))
+    }
+}
+
+/// The durable consumer of a queue type: `sharq-<queue_type>`, with bytes a consumer name
+/// cannot hold written `=XX`.
+pub fn consumer_name(queue_type: &str) -> String {
+    std::iter::once("sharq-".to_string())
+        .chain(queue_type.bytes().map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => (b as char).to_string(),
+            _ => format!("={b:02X}"),
+        }))
+        .collect()
 }
 
 fn flight_key(t: &str, q: &str, j: &str) -> String {
@@ -116,10 +151,15 @@ impl Dequeue {
         }
     }
 
+    /// The prefetch buffers, for the queue lengths.
+    pub fn feeders(&self) -> Feeders {
+        self.ready.clone()
+    }
+
     /// The type's feeder, with its consumer made (once) and its task started.
     async fn feeder(&self, queue_type: &str) -> Result<Arc<Feeder>, String> {
-        if let Some(f) = self.ready.read().expect("lock").get(queue_type) {
-            return Ok(f.clone());
+        if let Some(f) = self.ready.get(queue_type) {
+            return Ok(f);
         }
         // The type's first dequeue: one request makes the consumer, the others wait for it.
         let mut feeders = self.feeders.lock().await;
@@ -133,10 +173,7 @@ impl Dequeue {
             room: Notify::new(),
         });
         feeders.insert(queue_type.to_string(), f.clone());
-        self.ready
-            .write()
-            .expect("lock")
-            .insert(queue_type.to_string(), f.clone());
+        self.ready.insert(queue_type, f.clone());
         let feed = Feed {
             feeder: f.clone(),
             consumer,
@@ -151,12 +188,7 @@ impl Dequeue {
     }
 
     async fn consumer(&self, queue_type: &str) -> Result<PullConsumer, String> {
-        let name: String = std::iter::once("sharq-".to_string())
-            .chain(queue_type.bytes().map(|b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => (b as char).to_string(),
-                _ => format!("={b:02X}"),
-            }))
-            .collect();
+        let name = consumer_name(queue_type);
         let cfg = PullConfig {
             durable_name: Some(name.clone()),
             filter_subject: format!("released.{queue_type}.>"),

@@ -19,6 +19,8 @@ use crate::job::header as h;
 /// A released job ready to hand out.
 pub(super) struct Ready {
     pub(super) msg: Message,
+    /// Its `WEIR_RELEASED` sequence.
+    pub(super) seq: u64,
     /// When its `ack_wait` (last) started, as far as Weir knows.
     pub(super) got: Instant,
     pub(super) queue_id: String,
@@ -192,6 +194,7 @@ impl Feed {
             released_at: time(h::RELEASED_AT),
             queue_id,
             job_id,
+            seq,
             msg: m,
         };
         self.feeder.buf.lock().expect("lock").push_back(ready);
@@ -200,6 +203,14 @@ impl Feed {
 }
 
 impl Feeder {
+    /// Buffered jobs of `queue_id` delivered at or before stream sequence `upto`.
+    pub(super) fn count(&self, queue_id: &str, upto: u64) -> u64 {
+        let b = self.buf.lock().expect("lock");
+        b.iter()
+            .filter(|r| r.seq <= upto && r.queue_id == queue_id)
+            .count() as u64
+    }
+
     /// The oldest buffered job still well within its `ack_wait` (older ones are left to
     /// JetStream's redelivery).
     pub(super) fn pop(&self, ack_wait: Duration) -> Option<Ready> {

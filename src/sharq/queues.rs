@@ -8,24 +8,19 @@
 //! 1,000,000/s: unlimited in practice. Limits are per key, so two queue types sharing a
 //! `queue_id` share its interval.
 //!
-//! The queue length (`current_queue_length`, `queue_length`) counts the queue's jobs that
-//! Weir still holds back: those in `WEIR_JOBS` (`weir.in.<p>.<queue_type>.<queue_id>`: waiting
-//! for their turn, or held for the rate) plus the key's parked ones in `WEIR_PARK`
-//! (`park.<p>.<queue_id>`, every destination of the key). Jobs already released but not yet
-//! dequeued are not counted. Two subject-filtered stream-info requests, cached for [`FRESH`].
+//! Queue lengths (`queue_length` here, `current_queue_length` on enqueue and dequeue) are
+//! counted in [`lengths`](super::lengths).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::jetstream::stream::Stream;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -40,9 +35,6 @@ use super::gather;
 
 /// How long an enqueue waits for a changed interval to be in force.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
-
-/// How long a queue length is reused.
-pub const FRESH: Duration = Duration::from_millis(250);
 
 /// Jobs per second for an interval of 0: far beyond any worker pool, and a period (1 µs) a GCRA
 /// bucket can still be drained in.
@@ -134,81 +126,6 @@ impl Intervals {
         self.written.lock().expect("lock").remove(queue_id);
         self.store.delete(&Entry::Key(queue_id.to_string())).await
     }
-}
-
-/// Queue lengths, cached for [`FRESH`].
-pub struct QueueLengths {
-    jobs: Stream,
-    park: Stream,
-    partitions: u16,
-    cache: Mutex<HashMap<(String, String), (Instant, u64)>>,
-    refreshing: Mutex<std::collections::HashSet<(String, String)>>,
-}
-
-impl QueueLengths {
-    pub fn new(jobs: Stream, park: Stream, partitions: u16) -> Self {
-        QueueLengths {
-            jobs,
-            park,
-            partitions,
-            cache: Mutex::default(),
-            refreshing: Mutex::default(),
-        }
-    }
-
-    /// The cached length (0 if never counted) at once, for the dequeue path; a stale one is
-    /// recounted in the background, one count per queue at a time.
-    pub fn peek(self: &Arc<Self>, queue_type: &str, queue_id: &str) -> u64 {
-        let cached = self.cached(queue_type, queue_id);
-        let stale = cached.is_none_or(|(at, _)| at.elapsed() >= FRESH);
-        let k = (queue_type.to_string(), queue_id.to_string());
-        if stale && self.refreshing.lock().expect("lock").insert(k.clone()) {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let _ = me.get(&k.0, &k.1).await;
-                me.refreshing.lock().expect("lock").remove(&k);
-            });
-        }
-        cached.map_or(0, |(_, n)| n)
-    }
-
-    /// The last known length, however old (none if never counted).
-    pub fn cached(&self, queue_type: &str, queue_id: &str) -> Option<(Instant, u64)> {
-        let k = (queue_type.to_string(), queue_id.to_string());
-        self.cache.lock().expect("lock").get(&k).copied()
-    }
-
-    /// The length, counted if the cached one is older than [`FRESH`].
-    pub async fn get(&self, queue_type: &str, queue_id: &str) -> Result<u64, String> {
-        if let Some((at, n)) = self.cached(queue_type, queue_id) {
-            if at.elapsed() < FRESH {
-                return Ok(n);
-            }
-        }
-        let p = crate::job::partition_of(queue_id, self.partitions);
-        let stored = format!("{}.{p}.{queue_type}.{queue_id}", crate::job::STORED_PREFIX);
-        let waiting = count(&self.jobs, &stored).await?;
-        let parked = count(&self.park, &crate::job::park_subject(p, queue_id)).await?;
-        let n = waiting + parked;
-        self.cache.lock().expect("lock").insert(
-            (queue_type.to_string(), queue_id.to_string()),
-            (Instant::now(), n),
-        );
-        Ok(n)
-    }
-}
-
-/// Messages on one subject of a stream.
-async fn count(stream: &Stream, subject: &str) -> Result<u64, String> {
-    let mut info = stream
-        .info_with_subjects(subject)
-        .await
-        .map_err(|e| format!("cannot count {subject}: {e}"))?;
-    let mut n = 0;
-    while let Some(r) = info.next().await {
-        n += r.map_err(|e| format!("cannot count {subject}: {e}"))?.1 as u64;
-    }
-    Ok(n)
 }
 
 fn ids(path: Result<Path<(String, String)>, PathRejection>) -> Result<(String, String), String> {
