@@ -88,6 +88,22 @@ impl Forward {
         Ok(answers)
     }
 
+    /// Subscribes to the other processes' requests on `subject`; when it cannot, logs that
+    /// `what` will go unanswered.
+    pub(super) async fn listen(
+        &self,
+        subject: &'static str,
+        what: &str,
+    ) -> Option<async_nats::Subscriber> {
+        match self.client.subscribe(subject).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot answer {what}");
+                None
+            }
+        }
+    }
+
     /// Asks the other processes to finish a job this one does not hold.
     pub async fn ask(&self, queue_type: &str, queue_id: &str, job_id: &str) -> Finished {
         let others = self.others();
@@ -155,12 +171,8 @@ pub(super) async fn next_request(
 /// Answers the other processes' finish requests until `cancel`.
 pub async fn answer(state: SharqState, cancel: CancellationToken) {
     let client = state.forward.client.clone();
-    let mut requests = match client.subscribe(SUBJECT).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot answer forwarded finishes");
-            return;
-        }
+    let Some(mut requests) = state.forward.listen(SUBJECT, "forwarded finishes").await else {
+        return;
     };
     while let Some((m, reply)) = next_request(&mut requests, &state.forward.me, &cancel).await {
         let mut ids = std::str::from_utf8(&m.payload).unwrap_or("").split('\n');

@@ -76,12 +76,12 @@ pub async fn part(s: &Shared, scope: &Scope) -> Part {
 /// Answers the other processes' metrics requests until `cancel`.
 pub async fn answer(state: SharqState, cancel: CancellationToken) {
     let client = state.forward.client.clone();
-    let mut requests = match client.subscribe(SUBJECT).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot answer SHARQ metrics requests");
-            return;
-        }
+    let Some(mut requests) = state
+        .forward
+        .listen(SUBJECT, "SHARQ metrics requests")
+        .await
+    else {
+        return;
     };
     while let Some((m, reply)) = next_request(&mut requests, &state.forward.me, &cancel).await {
         let Some(scope) = std::str::from_utf8(&m.payload).ok().and_then(Scope::decode) else {
