@@ -74,7 +74,8 @@ type Undelivered = (Instant, u64, u64);
 struct Length {
     at: Instant,
     n: u64,
-    /// Whether the released jobs past the consumer were counted afresh.
+    /// Whether it counted the released jobs past the consumer (a count at most
+    /// [`RELEASED_FRESH`] old, or the last one when [`COUNTING`] were already running).
     full: bool,
 }
 
