@@ -18,6 +18,8 @@
 //!     bulk enqueue, dequeue + finish; requests/s and p99 (`bench/sharq.rs`).
 //! 12. (`sweep`) the sweep for unreadable jobs a reconnect starts, with `--sweep-held` unacked
 //!     jobs in each partition (`bench/sweep.rs`).
+//! 13. (`lengths`) a full SHARQ queue length as workers lag, with `--lengths-released` jobs in
+//!     `WEIR_RELEASED` (`bench/lengths.rs`).
 //!
 //! Each NATS measure gets a fresh local nats-server (or, with `--nats-url`, fresh streams).
 
@@ -32,6 +34,7 @@ use crate::config::{Config, Overrides};
 use crate::natsd::LocalNats;
 
 mod http;
+mod lengths;
 mod limits;
 mod raw;
 mod scale;
@@ -98,11 +101,14 @@ pub struct BenchArgs {
     /// Unacked jobs in each partition for `sweep` (Weir's default `max_held_per_partition`).
     #[arg(long, default_value_t = 20_000)]
     pub sweep_held: u64,
+    /// Released jobs in `WEIR_RELEASED` for `lengths`.
+    #[arg(long, default_value_t = 500_000)]
+    pub lengths_released: u64,
     /// Which measures to run, comma-separated: throughput, rate, latency, memory, limits, caps,
-    /// sharq, sweep, and scale (not in the default: it runs for several minutes).
+    /// sharq, sweep, lengths, and scale (not in the default: it runs for several minutes).
     #[arg(
         long,
-        default_value = "throughput,rate,latency,memory,limits,caps,sharq,sweep"
+        default_value = "throughput,rate,latency,memory,limits,caps,sharq,sweep,lengths"
     )]
     pub only: String,
 }
@@ -137,6 +143,9 @@ pub async fn main(a: BenchArgs) -> Result<(), BoxError> {
     }
     if want("sweep") {
         sweep::run(&a).await?;
+    }
+    if want("lengths") {
+        lengths::run(&a).await?;
     }
     if want("scale") {
         scale::run(&a).await?;
