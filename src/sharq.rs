@@ -116,7 +116,11 @@ impl StatusHook for crate::status::StatusStore {
             JobState::Requeued => rec.state = S::Requeued,
             JobState::Dead => (rec.state, rec.dead_at) = (S::Dead, at),
         }
-        self.record(&rec);
+        // The pipeline may have parked or released the job before its enqueue's ack came back.
+        match e.state {
+            JobState::Queued => self.record_first(&rec),
+            _ => self.record(&rec),
+        }
     }
 }
 

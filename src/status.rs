@@ -14,6 +14,13 @@
 //! Records from one process reach the bucket in the order they were recorded (one queue, one
 //! connection).
 //!
+//! A `queued` record is the one written from outside the pipeline, once the enqueue that stored
+//! the job is acked; by then the pipeline may already have parked or released the job and
+//! written that. So it is written only where the job has no record yet
+//! ([`StatusStore::record_first`]: the put carries `Nats-Expected-Last-Subject-Sequence: 0`,
+//! which JetStream checks and, the put having no reply subject, refuses in silence), and a later
+//! state is never set back to `queued`.
+//!
 //! Jobs without an id cost the pipeline one header lookup and nothing else.
 //!
 //! The KV key is the job id passed through [`crate::limits::kv_encode`], which leaves ids of
@@ -162,8 +169,12 @@ pub struct StatusStore {
     inner: Option<Arc<Inner>>,
 }
 
+/// One record on its way to the bucket: its subject, its value, and whether it may be written
+/// only where the job has no record yet.
+type Put = (String, Bytes, bool);
+
 struct Inner {
-    tx: mpsc::Sender<(String, Bytes)>,
+    tx: mpsc::Sender<Put>,
     kv: kv::Store,
     retention: Duration,
     dropped: Arc<AtomicU64>,
@@ -238,6 +249,17 @@ impl StatusStore {
     /// Queues `rec` for writing: never awaits, never blocks. A record whose id cannot be a key,
     /// or that finds the queue full, is dropped and counted.
     pub fn record(&self, rec: &JobRecord) {
+        self.put(rec, false);
+    }
+
+    /// As [`StatusStore::record`], but the bucket keeps the record only if the job has none yet:
+    /// for a state the pipeline may already have moved the job past (`queued`). A job id used
+    /// again within the retention keeps its old record until the pipeline writes the new job's.
+    pub fn record_first(&self, rec: &JobRecord) {
+        self.put(rec, true);
+    }
+
+    fn put(&self, rec: &JobRecord, first: bool) {
         let Some(inner) = &self.inner else { return };
         let Some(key) = kv_key(&rec.job_id) else {
             inner.dropped.fetch_add(1, Relaxed);
@@ -253,7 +275,7 @@ impl StatusStore {
         subject.push('.');
         subject.push_str(&key);
         let value = serde_json::to_vec(rec).expect("a job record serialises");
-        if inner.tx.try_send((subject, value.into())).is_err() {
+        if inner.tx.try_send((subject, value.into(), first)).is_err() {
             inner.dropped.fetch_add(1, Relaxed);
         }
     }
@@ -278,11 +300,20 @@ impl StatusStore {
 }
 
 /// Drains the queue into core publishes until every sender is gone.
-async fn publish(client: async_nats::Client, mut rx: mpsc::Receiver<(String, Bytes)>) {
+async fn publish(client: async_nats::Client, mut rx: mpsc::Receiver<Put>) {
+    let mut first_only = HeaderMap::new();
+    first_only.insert("Nats-Expected-Last-Subject-Sequence", "0");
     let mut batch = Vec::with_capacity(256);
     while rx.recv_many(&mut batch, 256).await > 0 {
-        for (subject, value) in batch.drain(..) {
-            if let Err(e) = client.publish(subject, value).await {
+        for (subject, value, first) in batch.drain(..) {
+            let sent = if first {
+                client
+                    .publish_with_headers(subject, first_only.clone(), value)
+                    .await
+            } else {
+                client.publish(subject, value).await
+            };
+            if let Err(e) = sent {
                 tracing::debug!(error = %e, "publishing a job status failed");
             }
         }

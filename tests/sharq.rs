@@ -585,6 +585,52 @@ async fn released_jobs_count_until_dequeued() {
     .await;
 }
 
+/// A job's `queued` record is written once its enqueue is acked, when the pipeline may already
+/// have parked or released it and written that: it never overwrites a later record. (CI once
+/// saw a released job read `queued` this way.)
+#[tokio::test]
+async fn a_queued_record_never_overwrites_a_later_one() {
+    // A 60 s horizon holds `late` in memory, not parked: the pipeline writes nothing for it.
+    let toml = "partitions = 2\nhorizon_ms = 60000\nack_wait_ms = 120000\n\
+                [limits.default]\nrate = \"1000/s\"\nburst = 100\n";
+    let env = Env::start().await;
+    let (w, sharq) = InProc::start_sharq(&env, toml).await;
+    // The queue's first job leaves at once; `late` waits 30 s behind it.
+    assert_eq!(
+        enqueue(sharq, "/enqueue/sms/slow/", "first", 30_000)
+            .await
+            .0,
+        201
+    );
+    // As if the pipeline had released `late` before its enqueue's ack came back.
+    let released = json!({"job_id": "late", "queue_type": "sms", "queue_id": "slow",
+        "state": "released", "requeues": 0, "queued_at": 1, "released_at": 2});
+    let kv = env.js.get_key_value("WEIR_JOB_STATUS").await.unwrap();
+    kv.put("late", serde_json::to_vec(&released).unwrap().into())
+        .await
+        .unwrap();
+    assert_eq!(
+        enqueue(sharq, "/enqueue/sms/slow/", "late", 30_000).await.0,
+        201
+    );
+    // Records from one process land in order: once the next job's shows, `late`'s was seen.
+    assert_eq!(enqueue(sharq, "/enqueue/sms/fast/", "next", 0).await.0, 201);
+    eventually("the next job's record", Duration::from_secs(10), || async {
+        match http_json(w.http, "GET", "/v1/jobs/next", None).await {
+            (200, v) => Ok(v),
+            (code, v) => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        http_json(w.http, "GET", "/v1/jobs/late", None).await,
+        (200, released)
+    );
+    // A job with no record yet gets its `queued` one.
+    let (code, v) = http_json(w.http, "GET", "/v1/jobs/first", None).await;
+    assert_eq!(code, 200, "{v}");
+}
+
 /// A `WEIR_RELEASED` made without direct gets (by an older Weir, or by hand) has them turned
 /// on at start, and released jobs are counted in it.
 #[tokio::test]

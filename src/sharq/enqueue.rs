@@ -107,7 +107,9 @@ impl Publisher {
             Err(e) => Err(e),
         };
         match ack {
-            Ok(ack) => {
+            // A duplicate's job is already recorded, maybe further along.
+            Ok(ack) if ack.duplicate => Ok(true),
+            Ok(_) => {
                 self.status.record(&JobEvent {
                     job_id: &job.job_id,
                     queue_type: &job.queue_type,
@@ -119,7 +121,7 @@ impl Publisher {
                     enqueued_at: None,
                     released_at: None,
                 });
-                Ok(ack.duplicate)
+                Ok(false)
             }
             Err(e) => Err(format!("NATS did not store the job ({e}); retry it")),
         }
