@@ -284,6 +284,45 @@ async fn a_job_delivered_twice_is_never_left_only_in_memory() {
     assert_eq!(purges, vec![("acme".to_string(), 101)]);
 }
 
+/// A job held past `ack_wait` is delivered again (after a restart every unacked job of a key is
+/// held, however long its backlog). Each delivery queued a copy, and each copy took a token:
+/// a kill -9 left 600 jobs of a hot key in 2 to 11 copies, released at a tenth of its rate. A
+/// job is held once, with its newest delivery's ack handle.
+#[tokio::test(start_paused = true)]
+async fn a_job_delivered_again_while_held_is_released_once_with_its_newest_delivery() {
+    let mut s = sched("[limits.default]\nrate = \"10/s\"\nburst = 1", 5_000);
+    for seq in 1..=5 {
+        s.offer("acme", seq, true, seq, now());
+    }
+    for round in 1..=2 {
+        for seq in 2..=5 {
+            assert!(matches!(
+                s.offer("acme", seq, true, 100 * round + seq, now()),
+                Offer::Held
+            ));
+        }
+    }
+    assert_eq!(s.stats().held, 4, "one copy each of 2..=5 held");
+    let mut released = Vec::new();
+    loop {
+        let mut acts = Vec::new();
+        s.take_actions(&mut acts);
+        for a in acts {
+            if let Action::Release { key, job } = a {
+                released.push(job.job);
+                s.release_done(&key, None, true, now());
+            }
+        }
+        let Some(wake) = s.next_wake() else { break };
+        tokio::time::advance(Duration::from_nanos(
+            wake.as_u64().saturating_sub(now().as_u64()),
+        ))
+        .await;
+        s.fire(now());
+    }
+    assert_eq!(released, vec![1, 202, 203, 204, 205]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn past_the_partition_budget_keys_park_even_within_their_horizon() {
     let c = Config::from_toml(

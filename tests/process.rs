@@ -131,6 +131,27 @@ async fn kill_9_scenario(
         "re-releases after the restart, dropped by the duplicate window: {}",
         seen.len() as u64 - total
     );
+    if std::env::var_os("WEIR_TEST_DUMP").is_some() {
+        let snap = seen.snapshot();
+        let t0 = snap[0].at;
+        for m in &snap {
+            eprintln!(
+                "SEEN {} {} {:?}",
+                (m.at - t0).as_millis(),
+                std::str::from_utf8(&m.payload).unwrap(),
+                m.headers.get("Nats-Msg-Id")
+            );
+        }
+    }
+    // A job may go out before the kill and again after it, from its source and from a parked
+    // copy; more is a copy queued per redelivery (once 2 to 11 copies of 600 jobs, each taking
+    // a token of the key's rate).
+    let mut publishes: BTreeMap<bytes::Bytes, usize> = BTreeMap::new();
+    for m in seen.snapshot() {
+        *publishes.entry(m.payload).or_default() += 1;
+    }
+    let most = publishes.iter().max_by_key(|(_, n)| **n).expect("jobs");
+    assert!(*most.1 <= 3, "{:?} was published {} times", most.0, most.1);
     assert_released_exactly_once(&env, &want).await;
 }
 
