@@ -348,6 +348,45 @@ async fn metrics_add_up_over_the_processes() {
     }
 }
 
+/// A queue's length at `GET /metrics/<queue_type>/<queue_id>/` counts the jobs another process
+/// holds prefetched: the process asked cannot see them in any stream (they are past the type's
+/// consumer), so the others answer with them.
+#[tokio::test]
+async fn queue_length_counts_jobs_another_process_prefetched() {
+    let env = Env::start().await;
+    let (a, sharq_a) = InProc::start_sharq(&env, TOML).await;
+    let (b, sharq_b) = InProc::start_sharq(&env, TOML).await;
+    wait_members(&[a.http, b.http], 2).await;
+    for i in 0..5 {
+        let id = format!("p{i}");
+        assert_eq!(enqueue(sharq_a, "/enqueue/sms/away/", &id, 0).await.0, 201);
+    }
+    // B hands one out and holds the other four in its prefetch buffer: every job delivered to
+    // B, none acked.
+    let (code, v) = dequeue(sharq_b, "sms", 10_000).await;
+    assert_eq!(code, 200, "{v}");
+    let released = env.js.get_stream("WEIR_RELEASED").await.unwrap();
+    eventually("B to hold all five", Duration::from_secs(10), || {
+        let released = released.clone();
+        async move {
+            let mut c: async_nats::jetstream::consumer::PullConsumer = released
+                .get_consumer("sharq-sms")
+                .await
+                .map_err(|e| e.to_string())?;
+            let i = c.info().await.map_err(|e| e.to_string())?;
+            match (i.num_pending, i.num_ack_pending) {
+                (0, 5) => Ok(()),
+                n => Err(format!("(pending, ack pending) {n:?}")),
+            }
+        }
+    })
+    .await;
+    for sharq in [sharq_a, sharq_b] {
+        let (code, v) = http_json(sharq, "GET", "/metrics/sms/away/", None).await;
+        assert_eq!((code, &v["queue_length"]), (200, &json!(4)), "{v}");
+    }
+}
+
 #[tokio::test]
 async fn requeued_after_expiry_up_to_the_limit_then_dead_lettered() {
     let env = Env::start().await;

@@ -101,12 +101,18 @@ pub struct Part {
     pub window: Window,
     #[serde(default)]
     pub names: BTreeSet<String>,
+    /// For a queue: the `WEIR_RELEASED` sequences of its jobs the answering process holds
+    /// prefetched, which the asking process's length cannot see. (A process that does not send
+    /// it adds none.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetched: Vec<u64>,
 }
 
 impl Part {
     pub fn add(&mut self, other: Part) {
         self.window.add(&other.window);
         self.names.extend(other.names);
+        self.prefetched.extend(other.prefetched);
     }
 
     /// SHARQ's shape: `{"<minute ms>": count}` for the current minute and the nine before it,
@@ -163,11 +169,12 @@ impl Counters {
                 Part {
                     window: i.global,
                     names: i.queues.keys().cloned().collect(),
+                    ..Part::default()
                 }
             }
             Scope::Type(t) => Part {
-                window: Window::default(),
                 names: self.queue_ids(t).into_iter().collect(),
+                ..Part::default()
             },
             Scope::Queue(t, q) => Part {
                 window: self
@@ -179,7 +186,7 @@ impl Counters {
                     .and_then(|ids| ids.get(q))
                     .copied()
                     .unwrap_or_default(),
-                names: BTreeSet::new(),
+                ..Part::default()
             },
         }
     }

@@ -96,6 +96,13 @@ impl Feeders {
     pub fn count(&self, queue_type: &str, queue_id: &str, upto: u64) -> u64 {
         self.get(queue_type).map_or(0, |f| f.count(queue_id, upto))
     }
+
+    /// The `WEIR_RELEASED` sequences of the queue's jobs this process holds prefetched: its
+    /// part of another process's count.
+    pub fn seqs(&self, queue_type: &str, queue_id: &str) -> Vec<u64> {
+        self.get(queue_type)
+            .map_or(Vec::new(), |f| f.seqs(queue_id))
+    }
 }
 
 /// The durable consumer of a queue type: `sharq-<queue_type>`, with bytes a consumer name

@@ -203,6 +203,15 @@ impl Feed {
 }
 
 impl Feeder {
+    /// The `WEIR_RELEASED` sequences of the buffered jobs of `queue_id`.
+    pub(super) fn seqs(&self, queue_id: &str) -> Vec<u64> {
+        let b = self.buf.lock().expect("lock");
+        b.iter()
+            .filter(|r| r.queue_id == queue_id)
+            .map(|r| r.seq)
+            .collect()
+    }
+
     /// Buffered jobs of `queue_id` delivered at or before stream sequence `upto`.
     pub(super) fn count(&self, queue_id: &str, upto: u64) -> u64 {
         let b = self.buf.lock().expect("lock");

@@ -8,7 +8,9 @@
 //! - the request's payload is the [`Scope`] (`all`, `type\n<queue_type>` or
 //!   `queue\n<queue_type>\n<queue_id>`), its header [`MEMBER`](super::forward::MEMBER) the
 //!   asking process (which ignores its own request);
-//! - every process serving the API answers with its [`Part`] for that scope, in JSON;
+//! - every process serving the API answers with its [`Part`] for that scope, in JSON (for a
+//!   queue, with the sequences of the queue's jobs it holds prefetched, which the asking
+//!   process adds to the queue's length);
 //! - the asking process adds up what arrives until every other member of the group (from
 //!   `WEIR_CLUSTER`) has answered, or [`WAIT`] at the latest ([`WAIT_UNCOUNTED`] when the others
 //!   cannot be counted: a static split knows no members). A process that does not answer in
@@ -87,7 +89,11 @@ pub async fn answer(state: SharqState, cancel: CancellationToken) {
         let Some(scope) = std::str::from_utf8(&m.payload).ok().and_then(Scope::decode) else {
             continue;
         };
-        let body = match serde_json::to_vec(&state.counters.part(&scope)) {
+        let mut part = state.counters.part(&scope);
+        if let Scope::Queue(t, q) = &scope {
+            part.prefetched = state.lengths.prefetched(t, q);
+        }
+        let body = match serde_json::to_vec(&part) {
             Ok(b) => Bytes::from(b),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot encode SHARQ metrics");

@@ -17,10 +17,11 @@
 //! The requests run at once, and a length is reused for [`FRESH`]. The dequeue path's
 //! `current_queue_length` ([`QueueLengths::peek`]) recounts all but the released part, which it
 //! takes from the last full count (by an enqueue with `max_queued_length`, or
-//! `GET /metrics/<queue_type>/<queue_id>/`): it runs thousands of times a second. Not counted: jobs
-//! prefetched by another Weir process serving the same type (at most
-//! [`BUFFER`](super::dequeue::BUFFER) a type and process), and dequeued jobs whose time ran out
-//! until JetStream redelivers them. A job delivered within the last [`FRESH`] and already
+//! `GET /metrics/<queue_type>/<queue_id>/`): it runs thousands of times a second. Jobs prefetched
+//! by another Weir process serving the same type (at most [`BUFFER`](super::dequeue::BUFFER) a
+//! type and process) are added only by `GET /metrics/<queue_type>/<queue_id>/`, from the
+//! sequences the others answer with ([`super::gather`]; see [`QueueLengths::get_upto`]). Not
+//! counted: dequeued jobs whose time ran out until JetStream redelivers them. A job delivered within the last [`FRESH`] and already
 //! handed out can be counted once more, until the next count.
 //!
 //! The released part needs direct gets on `WEIR_RELEASED`: Weir makes the stream with
@@ -77,6 +78,9 @@ struct Length {
     /// Whether it counted the released jobs past the consumer (a count at most
     /// [`RELEASED_FRESH`] old, or the last one when [`COUNTING`] were already running).
     full: bool,
+    /// The consumer's delivered sequence the count saw: jobs another process holds prefetched
+    /// at or below it are not in `n` ([`QueueLengths::get`]).
+    upto: u64,
 }
 
 /// Queue lengths, cached for [`FRESH`].
@@ -142,24 +146,42 @@ impl QueueLengths {
         cached.map_or(0, |c| c.n)
     }
 
-    /// The length, counted in full if the last full count is older than [`FRESH`].
+    /// The length, counted in full if the last full count is older than [`FRESH`]. Jobs other
+    /// processes hold prefetched are not in it (see [`get_upto`](Self::get_upto)).
     pub async fn get(&self, queue_type: &str, queue_id: &str) -> Result<u64, String> {
+        self.get_upto(queue_type, queue_id).await.map(|(n, _)| n)
+    }
+
+    /// [`get`](Self::get) with the consumer's delivered sequence that count saw: of the jobs
+    /// other processes hold prefetched, those at or below it are not in the count (those above
+    /// it are, among the released jobs past the consumer).
+    pub async fn get_upto(&self, queue_type: &str, queue_id: &str) -> Result<(u64, u64), String> {
         let k = (queue_type.to_string(), queue_id.to_string());
         if let Some(c) = self.cache.lock().expect("lock").get(&k) {
             if c.full && c.at.elapsed() < FRESH {
-                return Ok(c.n);
+                return Ok((c.n, c.upto));
             }
         }
         self.count(queue_type, queue_id, true).await
     }
 
+    /// The `WEIR_RELEASED` sequences of the queue's jobs this process holds prefetched.
+    pub fn prefetched(&self, queue_type: &str, queue_id: &str) -> Vec<u64> {
+        self.feeders.seqs(queue_type, queue_id)
+    }
+
     /// Counts the length; the released jobs past the consumer only if `full`, else as last
     /// counted.
-    async fn count(&self, queue_type: &str, queue_id: &str, full: bool) -> Result<u64, String> {
+    async fn count(
+        &self,
+        queue_type: &str,
+        queue_id: &str,
+        full: bool,
+    ) -> Result<(u64, u64), String> {
         let p = job::partition_of(queue_id, self.partitions);
         let stored = format!("{}.{p}.{queue_type}.{queue_id}", job::STORED_PREFIX);
         let park = job::park_subject(p, queue_id);
-        let (waiting, parked, released) = tokio::try_join!(
+        let (waiting, parked, (released, upto)) = tokio::try_join!(
             count(&self.jobs, &stored),
             count(&self.park, &park),
             self.released_waiting(queue_type, queue_id, full),
@@ -170,21 +192,21 @@ impl QueueLengths {
         let at = Instant::now();
         cache.insert(
             (queue_type.to_string(), queue_id.to_string()),
-            Length { at, n, full },
+            Length { at, n, full, upto },
         );
-        Ok(n)
+        Ok((n, upto))
     }
 
     /// Released jobs of the queue no worker has had: past the consumer's delivered sequence
     /// (if `full`, recounted at most every [`RELEASED_FRESH`], and by at most [`COUNTING`]
     /// requests at once; otherwise the last count), or in this process's prefetch buffer
-    /// (counted now).
+    /// (counted now). With the delivered sequence it counted past.
     async fn released_waiting(
         &self,
         queue_type: &str,
         queue_id: &str,
         full: bool,
-    ) -> Result<u64, String> {
+    ) -> Result<(u64, u64), String> {
         let k = (queue_type.to_string(), queue_id.to_string());
         let last = self.released.lock().expect("lock").get(&k).copied();
         let fresh = last.filter(|(at, ..)| at.elapsed() < RELEASED_FRESH);
@@ -207,7 +229,10 @@ impl QueueLengths {
             // Never counted, and no request free to count it: jobs in memory only.
             (None, None) => (u64::MAX, 0),
         };
-        Ok(undelivered + self.feeders.count(queue_type, queue_id, upto))
+        Ok((
+            undelivered + self.feeders.count(queue_type, queue_id, upto),
+            upto,
+        ))
     }
 
     /// The type's SHARQ consumer's delivered stream sequence (0 before its first dequeue).

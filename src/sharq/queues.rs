@@ -203,13 +203,14 @@ pub async fn metrics_queue(
         Ok(p) => p,
         Err(m) => return failure(StatusCode::BAD_REQUEST, m),
     };
-    let len = match s.lengths.get(&t, &q).await {
-        Ok(n) => n,
+    // The other processes' counts and prefetched jobs, asked for while this one counts.
+    let scope = Scope::Queue(t.clone(), q.clone());
+    let (counted, part) = tokio::join!(s.lengths.get_upto(&t, &q), gather::part(&s, &scope));
+    let len = match counted {
+        Ok((n, upto)) => n + part.prefetched.iter().filter(|&&seq| seq <= upto).count() as u64,
         Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, e),
     };
-    let (enq, deq) = gather::part(&s, &Scope::Queue(t, q))
-        .await
-        .counts(super::now_ms());
+    let (enq, deq) = part.counts(super::now_ms());
     Json(json!({
         "status": "success",
         "queue_length": len,
