@@ -21,8 +21,9 @@
 //! by another Weir process serving the same type (at most [`BUFFER`](super::dequeue::BUFFER) a
 //! type and process) are added only by `GET /metrics/<queue_type>/<queue_id>/`, from the
 //! sequences the others answer with ([`super::gather`]; see [`QueueLengths::get_upto`]). Not
-//! counted: dequeued jobs whose time ran out until JetStream redelivers them. A job delivered within the last [`FRESH`] and already
-//! handed out can be counted once more, until the next count.
+//! counted: dequeued jobs whose time ran out until JetStream redelivers them. A job delivered
+//! within the last [`FRESH`] and already handed out can be counted once more, until the next
+//! count.
 //!
 //! The released part needs direct gets on `WEIR_RELEASED`: Weir makes the stream with
 //! `allow_direct`, and [`streams`](crate::streams) turns it on at start for a stream made
