@@ -110,17 +110,18 @@ impl StatusHook for crate::status::StatusStore {
             dead_at: None,
         };
         match e.state {
-            JobState::Queued => rec.queued_at = rec.queued_at.or(at),
+            JobState::Queued => {
+                // The pipeline may have parked or released the job before its enqueue's ack
+                // came back: only a job with no record yet gets this one.
+                rec.queued_at = rec.queued_at.or(at);
+                return self.record_first(&rec);
+            }
             JobState::Dequeued => (rec.state, rec.dequeued_at) = (S::Dequeued, at),
             JobState::Finished => (rec.state, rec.finished_at) = (S::Finished, at),
             JobState::Requeued => rec.state = S::Requeued,
             JobState::Dead => (rec.state, rec.dead_at) = (S::Dead, at),
         }
-        // The pipeline may have parked or released the job before its enqueue's ack came back.
-        match e.state {
-            JobState::Queued => self.record_first(&rec),
-            _ => self.record(&rec),
-        }
+        self.record(&rec);
     }
 }
 
