@@ -9,7 +9,8 @@
 //! only serialises it and hands it to a bounded queue (`try_send`: it never awaits, never blocks).
 //! A background task drains the queue into plain core publishes to `$KV.WEIR_JOB_STATUS.<key>`
 //! (a KV put is exactly that publish; without a reply subject JetStream stores it and sends no
-//! ack). When the queue is full (NATS slow or away) the record is dropped and counted in
+//! ack), a job's records coming within a few milliseconds of each other written as the last
+//! alone. When the queue is full (NATS slow or away) the record is dropped and counted in
 //! `weir_job_status_dropped_total`: status is an observation, never a reason to slow jobs.
 //! Records from one process reach the bucket in the order they were recorded (one queue, one
 //! connection).
@@ -27,6 +28,7 @@
 //! letters, digits, `-`, `_` and `/` (UUIDs, numbers) as they are and escapes anything else, so
 //! two ids never share a key.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,12 +302,32 @@ impl StatusStore {
 }
 
 /// Drains the queue into core publishes until every sender is gone.
+///
+/// Records are taken in batches: after the first of a batch arrives, more are gathered for up
+/// to [`LINGER`] (or until [`BATCH`] are in), and a job with several records in the batch gets
+/// one write, the one the bucket would have been left with ([`deciders`]). At full speed a
+/// job's `queued` and `released` (or `dequeued` and `finished`) records are often recorded a
+/// few milliseconds apart: writing the last alone spares JetStream a stored message and a
+/// removal per job, when JetStream is what the pipeline waits for. The cost is that a record
+/// reaches the bucket up to [`LINGER`] later.
 async fn publish(client: async_nats::Client, mut rx: mpsc::Receiver<Put>) {
     let mut first_only = HeaderMap::new();
     first_only.insert("Nats-Expected-Last-Subject-Sequence", "0");
-    let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        for (subject, value, first) in batch.drain(..) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            let room = BATCH - batch.len();
+            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                Ok(n) if n > 0 => continue,
+                _ => break,
+            }
+        }
+        let keep = deciders(&batch);
+        for ((subject, value, first), keep) in batch.drain(..).zip(keep) {
+            if !keep {
+                continue;
+            }
             let sent = if first {
                 client
                     .publish_with_headers(subject, first_only.clone(), value)
@@ -318,6 +340,35 @@ async fn publish(client: async_nats::Client, mut rx: mpsc::Receiver<Put>) {
             }
         }
     }
+}
+
+/// How long a batch of records gathers before it is written.
+const LINGER: Duration = Duration::from_millis(10);
+/// Most records written as one batch.
+const BATCH: usize = 2048;
+
+/// Which puts of `batch` to write: for each subject, the one that decides what the bucket
+/// keeps. A plain put overwrites whatever was there, so the subject's last plain put decides;
+/// a first-only put after a plain one would be refused, and one before it is overwritten.
+/// With no plain put, the first first-only put is the only one that can take.
+fn deciders(batch: &[Put]) -> Vec<bool> {
+    let mut keep = vec![false; batch.len()];
+    let mut decider: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+    for (i, (subject, _, first)) in batch.iter().enumerate() {
+        match decider.entry(subject.as_str()) {
+            Entry::Vacant(v) => {
+                v.insert(i);
+                keep[i] = true;
+            }
+            Entry::Occupied(mut o) if !first => {
+                keep[*o.get()] = false;
+                o.insert(i);
+                keep[i] = true;
+            }
+            Entry::Occupied(_) => {}
+        }
+    }
+    keep
 }
 
 #[cfg(test)]
@@ -343,6 +394,33 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_string(&s).unwrap(), text);
         }
+    }
+
+    fn put(subject: &str, value: &'static str, first: bool) -> Put {
+        (subject.into(), Bytes::from_static(value.as_bytes()), first)
+    }
+
+    #[test]
+    fn a_job_with_several_records_in_a_batch_gets_the_one_that_decides() {
+        let batch = vec![
+            put("a", "queued", true),
+            put("b", "released", false),
+            put("a", "released", false),
+            put("c", "queued", true),
+            put("b", "queued", true),
+            put("c", "queued again", true),
+            put("a", "dequeued", false),
+            put("d", "finished", false),
+        ];
+        let kept: Vec<&str> = batch
+            .iter()
+            .zip(deciders(&batch))
+            .filter(|(_, k)| *k)
+            .map(|(p, _)| std::str::from_utf8(&p.1).unwrap())
+            .collect();
+        // a: its last plain put; b: the plain put, the later first-only one would be refused;
+        // c: the first first-only put; d: alone.
+        assert_eq!(kept, ["released", "queued", "dequeued", "finished"]);
     }
 
     #[test]
