@@ -70,8 +70,11 @@ pub enum Command {
         limit: usize,
         reply: oneshot::Sender<Vec<KeyView>>,
     },
+    /// Drop the key's held and parked jobs, and those of its jobs under stream sequence
+    /// `below` that arrive later.
     Purge {
         key: String,
+        below: u64,
         reply: oneshot::Sender<Purged>,
     },
 }
@@ -298,13 +301,27 @@ impl Partitions {
         Ok(all)
     }
 
-    /// Deletes a key's pending jobs: held in memory, parked, and queued in `WEIR_JOBS`
-    /// (SHARQ's `clear_queue`). Jobs published while the purge runs may survive it.
+    /// Deletes a key's pending jobs stored before the purge began: held in memory, parked,
+    /// queued in `WEIR_JOBS`, and those already delivered to the partition but not yet read,
+    /// which it drops as they come (SHARQ's `clear_queue`). What is left is a suffix: jobs
+    /// stored later, maybe less a few the partition held when the purge reached it. The count
+    /// leaves out the jobs dropped on arrival.
     pub async fn purge(&self, key: &str) -> Result<Purged, InspectError> {
         let p = job::partition_of(key, self.count());
+        // The purge takes the jobs stored before it began; the partition drops those it has
+        // not read yet as they come ([`crate::partition`]'s fences).
+        let below = self
+            .jobs
+            .get_info()
+            .await
+            .map_err(|e| InspectError::Nats(e.to_string()))?
+            .state
+            .last_sequence
+            + 1;
         let mut purged = self
             .ask(p, |reply| Command::Purge {
                 key: key.to_string(),
+                below,
                 reply,
             })
             .await?;
@@ -313,6 +330,7 @@ impl Partitions {
             .jobs
             .purge()
             .filter(filter)
+            .sequence(below)
             .await
             .map_err(|e| InspectError::Nats(e.to_string()))?
             .purged;

@@ -39,6 +39,7 @@ use crate::trace::Tracing;
 use crate::{dead, park};
 use governor::nanos::Nanos;
 
+mod fences;
 mod ops;
 mod publish;
 mod stall;
@@ -221,6 +222,8 @@ pub struct Partition {
     stall: stall::StallWatch,
     rebind: bool,
     status: StatusStore,
+    /// Purged keys' jobs still on their way in, to drop ([`fences`]).
+    purges: fences::Fences,
 }
 
 /// What a partition task is connected to.
@@ -286,6 +289,7 @@ impl Partition {
             stall: stall::StallWatch::default(),
             rebind: false,
             status,
+            purges: fences::Fences::default(),
         }
     }
 
@@ -526,6 +530,21 @@ impl Partition {
         };
         match job::parse_stored(&subject) {
             Err(reason) => self.dead(job, seq, None, reason).await,
+            Ok(route)
+                if self
+                    .purges
+                    .purged(route.key, seq, tokio::time::Instant::now()) =>
+            {
+                tracing::debug!(
+                    partition = self.id,
+                    key = route.key,
+                    seq,
+                    "dropped a job of a purged key"
+                );
+                if let Some(a) = job.acker {
+                    ack(a).await;
+                }
+            }
             Ok(route) => {
                 self.metrics.received(route.dest);
                 let held = self.sched.stats().held;

@@ -454,6 +454,79 @@ async fn busiest_keys_and_purge() {
     assert_eq!(env.stream_len("WEIR_PARK").await, 0);
 }
 
+/// A purge while a key's jobs pour in takes every job stored before it began, including those
+/// JetStream had already delivered to the partition but the partition had not read: what
+/// survives is a suffix of the key's jobs, never a job with older ones purged around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_during_a_flood_leaves_only_a_suffix() {
+    const N: usize = 10_000;
+    let env = Env::start().await;
+    let weir = InProc::start(&env, BASE).await;
+    let api = Api::of(&weir);
+    let rev = api
+        .set("/v1/limits/keys/flood", json!({"rate": "0/s"}))
+        .await["revision"]
+        .as_u64()
+        .unwrap();
+    eventually("the pause applied", Duration::from_secs(10), || async {
+        let (_, v) = api.get("/v1/limits").await;
+        if v["applied_revision"].as_u64() >= Some(rev) {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    })
+    .await;
+    let flood = env.publish_all((0..N).map(|i| Job::seq("sms", "flood", i)), 8);
+    let purge = async {
+        eventually("a backlog to purge", Duration::from_secs(20), || async {
+            let (_, k) = api.get("/v1/keys/flood").await;
+            match k["backlog"].as_u64() {
+                Some(b) if b >= 1_000 => Ok(()),
+                _ => Err(k.to_string()),
+            }
+        })
+        .await;
+        let (code, p) = api.delete("/v1/keys/flood/jobs").await;
+        assert_eq!(code, 200, "{p}");
+        p
+    };
+    let (_, purged) = tokio::join!(flood, purge);
+    env.publish_all([Job::seq("sms", "flood", N)], 1).await;
+    api.set(
+        "/v1/limits/keys/flood",
+        json!({"rate": "100000/s", "burst": 1000}),
+    )
+    .await;
+    let marker = format!("flood#{N}");
+    let released = eventually("the marker released", Duration::from_secs(30), || async {
+        let got: Vec<String> = read_stream(&env.js, RELEASED, "released.*.flood")
+            .await
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect();
+        if got.contains(&marker) {
+            Ok(got)
+        } else {
+            Err(format!("{} released", got.len()))
+        }
+    })
+    .await;
+    let mut idx: Vec<usize> = released
+        .iter()
+        .map(|p| p.trim_start_matches("flood#").parse().unwrap())
+        .collect();
+    idx.sort_unstable();
+    let first = idx[0];
+    assert!(
+        idx.iter().copied().eq(first..=N),
+        "after purging {purged}, the survivors are not a suffix of the key's jobs: first {first}, {} released, gaps at {:?}",
+        idx.len(),
+        idx.windows(2).filter(|w| w[1] != w[0] + 1).take(10).collect::<Vec<_>>()
+    );
+    assert!(first > 0, "the purge took nothing: {purged}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_need_the_token_reads_do_not() {
     let env = Env::start().await;

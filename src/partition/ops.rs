@@ -18,7 +18,14 @@ impl Partition {
             Command::Top { limit, reply } => {
                 let _ = reply.send(self.sched.top(limit, now()));
             }
-            Command::Purge { key, reply } => {
+            Command::Purge { key, below, reply } => {
+                // Jobs on their way to the park land there before the park is purged, and
+                // jobs still on their way in are dropped when they come.
+                while let Some((res, tag)) = self.pubs.next_ack().await {
+                    self.on_published(res, tag).await;
+                }
+                let until = tokio::time::Instant::now() + self.fence_for;
+                self.purges.set(&key, below, until);
                 let mut purged = Purged::default();
                 // Jobs read back from the park are counted with the park's purge below.
                 let mut last = None;
