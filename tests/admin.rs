@@ -359,20 +359,9 @@ async fn busiest_keys_and_purge() {
     );
 
     // A paused key keeps everything it is sent.
-    let rev = api
-        .set("/v1/limits/keys/slow", json!({"rate": "0/s"}))
-        .await["revision"]
-        .as_u64()
-        .unwrap();
-    eventually("the pause applied", Duration::from_secs(10), || async {
-        let (_, v) = api.get("/v1/limits").await;
-        if v["applied_revision"].as_u64() >= Some(rev) {
-            Ok(())
-        } else {
-            Err(v.to_string())
-        }
-    })
-    .await;
+    api.set("/v1/limits/keys/slow", json!({"rate": "0/s"}))
+        .await;
+    api.wait_limit_applied().await;
     env.publish_all((0..50).map(|i| Job::seq("sms", "slow", i)), 64)
         .await;
     env.publish_all((0..5).map(|i| Job::seq("sms", "busy", i)), 8)
@@ -434,11 +423,7 @@ async fn busiest_keys_and_purge() {
     .await;
     env.publish_all([Job::seq("sms", "slow", 999)], 1).await;
     let released = eventually("the marker released", Duration::from_secs(10), || async {
-        let got: Vec<String> = read_stream(&env.js, RELEASED, "released.*.slow")
-            .await
-            .iter()
-            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
-            .collect();
+        let got = released_payloads(&env, "slow").await;
         if got.iter().any(|p| p == "slow#999") {
             Ok(got)
         } else {
@@ -469,6 +454,15 @@ async fn a_purge_of_a_releasing_key_during_a_flood_leaves_only_a_suffix() {
     purge_during_a_flood(json!({"rate": "500/s", "burst": 20})).await;
 }
 
+/// The payloads of `key`'s jobs in `WEIR_RELEASED`.
+async fn released_payloads(env: &Env, key: &str) -> Vec<String> {
+    read_stream(&env.js, RELEASED, &format!("released.*.{key}"))
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect()
+}
+
 /// Floods key `flood` (limited by `limit`) with 10,000 jobs, purges it once it has a backlog
 /// of 1,000, releases the rest at once and checks that the released jobs are at most two runs:
 /// those released before the purge (from job 0), and the survivors (to the last).
@@ -477,18 +471,8 @@ async fn purge_during_a_flood(limit: Value) {
     let env = Env::start().await;
     let weir = InProc::start(&env, BASE).await;
     let api = Api::of(&weir);
-    let rev = api.set("/v1/limits/keys/flood", limit).await["revision"]
-        .as_u64()
-        .unwrap();
-    eventually("the limit applied", Duration::from_secs(10), || async {
-        let (_, v) = api.get("/v1/limits").await;
-        if v["applied_revision"].as_u64() >= Some(rev) {
-            Ok(())
-        } else {
-            Err(v.to_string())
-        }
-    })
-    .await;
+    api.set("/v1/limits/keys/flood", limit).await;
+    api.wait_limit_applied().await;
     let flood = env.publish_all((0..N).map(|i| Job::seq("sms", "flood", i)), 8);
     let purge = async {
         eventually("a backlog to purge", Duration::from_secs(20), || async {
@@ -512,11 +496,7 @@ async fn purge_during_a_flood(limit: Value) {
     .await;
     let marker = format!("flood#{N}");
     let released = eventually("the marker released", Duration::from_secs(30), || async {
-        let got: Vec<String> = read_stream(&env.js, RELEASED, "released.*.flood")
-            .await
-            .iter()
-            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
-            .collect();
+        let got = released_payloads(&env, "flood").await;
         if got.contains(&marker) {
             Ok(got)
         } else {
