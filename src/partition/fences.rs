@@ -1,7 +1,7 @@
 //! Purge fences: a purged key's jobs that were already on their way to the partition when it
 //! was purged are dropped when they arrive, not released.
 //!
-//! A purge ([`crate::inspect::Inspect::purge`]) reads `WEIR_JOBS`' last sequence, has the
+//! A purge ([`crate::inspect::Partitions::purge`]) reads `WEIR_JOBS`' last sequence, has the
 //! partition drop the key's held and parked jobs, then deletes the key's jobs stored up to that
 //! sequence. Jobs JetStream had already delivered to the partition's pull buffer are out of the
 //! stream's reach, and the partition has not seen them yet: without a fence they would be read
