@@ -192,7 +192,7 @@ pub async fn sweep_all(
 /// that can be read, `Weir-Dead-Reason`, `Weir-Subject`, the derived `Nats-Msg-Id` and
 /// `Weir-Raw-Headers`; deleted from `WEIR_JOBS` only once the dead letter is stored.
 ///
-/// One message get per gap between known jobs and per job checked, [`IN_FLIGHT`] at a time,
+/// One message get per gap between known jobs and per job checked, `IN_FLIGHT` (16) at a time,
 /// from both ends of the range: a poison that was delivered before is usually the oldest
 /// unacked job (it holds the ack floor), while a fresh one, and jobs lost in flight, are among
 /// the newest. It stops starting gaps once it has checked as many jobs as

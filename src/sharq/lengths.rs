@@ -11,7 +11,7 @@
 //!   consumer's delivered sequence; its `Nats-Num-Pending` header counts the rest. The
 //!   consumer's info is read once per type per [`FRESH`]. That count costs the server more as
 //!   the stream grows while workers lag, so it is reused for [`RELEASED_FRESH`], and at most
-//!   [`COUNTING`] run at once (a queue whose turn it is not keeps its last count);
+//!   `COUNTING` (4) run at once (a queue whose turn it is not keeps its last count);
 //! - delivered to this process's prefetch buffer and not handed out yet: counted in memory.
 //!
 //! The requests run at once, and a length is reused for [`FRESH`]. The dequeue path's
