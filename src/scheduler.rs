@@ -124,6 +124,9 @@ struct Busy<J> {
     /// Next park sequence to read from.
     cursor: u64,
     loading: bool,
+    /// The read from the park in flight began before the key was purged: what it brings back
+    /// was deleted with the park, and is dropped.
+    stale_load: bool,
     /// Source sequence of the newest job read back from the park.
     max_loaded_src: u64,
     /// No job older than this may be parked: the newest source sequence parked (or known to be
@@ -161,6 +164,7 @@ impl<J> Default for Busy<J> {
             inflight_parked: std::collections::VecDeque::new(),
             cursor: 0,
             loading: false,
+            stale_load: false,
             max_loaded_src: 0,
             park_floor: 0,
             purge_below: 0,

@@ -110,6 +110,54 @@ async fn surplus_beyond_the_horizon_is_parked_and_read_back_in_order() {
     assert_eq!(released, (1..=20).collect::<Vec<_>>());
 }
 
+/// A read from the park in flight when its key is purged brings back a job the purge deleted:
+/// it is dropped, and the key goes on with its new jobs.
+#[tokio::test(start_paused = true)]
+async fn a_park_read_in_flight_when_its_key_is_purged_brings_nothing_back() {
+    let mut s = sched(TEN_PER_SEC, 500);
+    for seq in 1..=20 {
+        if let Offer::Park(..) = s.offer("acme", seq, false, seq, now()) {
+            s.parked("acme", true, now());
+        }
+    }
+    // Release until the key reads from the park.
+    let from = loop {
+        let (rel, loads, _) = take(&mut s);
+        for (_, _, ps) in rel {
+            s.release_done("acme", ps, true, now());
+        }
+        if let Some((_, from)) = loads.into_iter().next() {
+            break from;
+        }
+        let w = s.next_wake().expect("a timer for the backlog");
+        tokio::time::advance(Duration::from_nanos(
+            w.as_u64().saturating_sub(now().as_u64()),
+        ))
+        .await;
+        s.fire(now());
+    };
+    let _ = s.purge_key("acme");
+    s.loaded("acme", Ok(Some((from.max(101), 10, 10))), now());
+    assert_eq!(s.stats().held, 0, "the purged job is not held");
+    s.offer("acme", 30, false, 30, now());
+    let mut released = Vec::new();
+    for _ in 0..20 {
+        let (rel, loads, _) = take(&mut s);
+        assert!(loads.is_empty(), "nothing left to read: {loads:?}");
+        released.extend(rel.iter().map(|r| r.1));
+        if released.contains(&30) {
+            break;
+        }
+        let w = s.next_wake().expect("a timer for job 30");
+        tokio::time::advance(Duration::from_nanos(
+            w.as_u64().saturating_sub(now().as_u64()),
+        ))
+        .await;
+        s.fire(now());
+    }
+    assert_eq!(released, [30], "only the new job leaves");
+}
+
 /// A job older than one already parked is never parked behind it, even when JetStream does not
 /// flag it as redelivered (a consumer whose state nats-server lost in a crash delivers jobs
 /// again as first deliveries; `weir chaos` with a NATS restart released 200-300 jobs of a

@@ -58,14 +58,6 @@ impl Partition {
 
     pub(super) fn on_op(&mut self, done: OpDone) {
         match done {
-            // A read from the park started before its key was purged, bringing back a job
-            // the purge deleted: read again (the park is purged by now) rather than release it.
-            OpDone::Loaded {
-                key,
-                res: Ok(Some(b)),
-            } if self.purges.purged(&key, b.1, tokio::time::Instant::now()) => {
-                self.sched.loaded(&key, Err(()), now())
-            }
             OpDone::Loaded { key, res } => {
                 self.sched.loaded(&key, res.map(|o| o.map(|b| *b)), now())
             }

@@ -42,8 +42,7 @@ impl<J: Routed> Scheduler<J> {
 
     /// Drops a key's backlog: returns the jobs held in memory (the caller acks fresh ones, so
     /// they are gone) and forgets its parked ones (the caller purges them from the park).
-    /// A read from the park in flight may still bring back one job: the partition's purge
-    /// fence turns it into a read again (`partition/fences.rs`).
+    /// A read from the park in flight is marked stale: the job it brings back is dropped.
     pub fn purge_key(&mut self, key: &str) -> Vec<Held<J>> {
         let Some(b) = self.keys.get_mut(key).and_then(|st| st.busy.as_deref_mut()) else {
             return Vec::new();
@@ -53,6 +52,7 @@ impl<J: Routed> Scheduler<J> {
         self.held -= jobs.len();
         self.loaded -= loaded;
         b.unread = 0;
+        b.stale_load = b.loading;
         b.fence.clear();
         b.purge_below = 0;
         b.purged_below = 0;

@@ -36,6 +36,11 @@ impl<J: Routed> Scheduler<J> {
             return;
         };
         b.loading = false;
+        if std::mem::take(&mut b.stale_load) {
+            // Begun before the key was purged: what it read went with the park.
+            self.pump(&k, now);
+            return;
+        }
         match result {
             Ok(Some((park_seq, src_seq, job))) => {
                 if let Ok(i) = b.fence.binary_search(&src_seq) {
