@@ -146,6 +146,8 @@ pub struct Partitions {
     released: Stream,
     dead: Stream,
     limits: tokio::sync::watch::Receiver<Arc<Limits>>,
+    /// Where a purge leaves its mark before it deletes anything.
+    purges: crate::purges::Purges,
 }
 
 /// Everything known about one key: its partition's view, its effective limit, and counts from
@@ -219,6 +221,7 @@ impl Partitions {
         released: Stream,
         dead: Stream,
         limits: tokio::sync::watch::Receiver<Arc<Limits>>,
+        purges: crate::purges::Purges,
     ) -> Self {
         Partitions {
             registry,
@@ -227,6 +230,7 @@ impl Partitions {
             released,
             dead,
             limits,
+            purges,
         }
     }
 
@@ -306,6 +310,10 @@ impl Partitions {
     /// which it drops as they come (SHARQ's `clear_queue`). What is left is a suffix: jobs
     /// stored later, maybe less a few the partition held when the purge reached it. The count
     /// leaves out the jobs dropped on arrival.
+    ///
+    /// First it marks the key ([`crate::purges`]), so that the purged jobs can be enqueued again
+    /// and read as purged. Marked first: a purge that fails half-way leaves jobs that an enqueue
+    /// may then store a second time, never a job that is not stored at all.
     pub async fn purge(&self, key: &str) -> Result<Purged, InspectError> {
         let p = job::partition_of(key, self.count());
         // The purge takes the jobs stored before it began; the partition drops those it has
@@ -318,6 +326,14 @@ impl Partitions {
             .state
             .last_sequence
             + 1;
+        let mark = crate::purges::Mark {
+            below,
+            at_ms: crate::release::unix_ms(),
+        };
+        self.purges
+            .mark(key, mark)
+            .await
+            .map_err(|e| InspectError::Nats(e.to_string()))?;
         let mut purged = self
             .ask(p, |reply| Command::Purge {
                 key: key.to_string(),

@@ -37,6 +37,8 @@
 //! - [`limiter`]: per-key GCRA buckets (governor) on a monotonic clock.
 //! - [`caps`]: destination caps, one bucket per capped destination shared by the partitions.
 //! - [`inspect`]: operators' questions to the partitions (a key's state, the busiest keys, purge).
+//! - [`purges`]: each key's last purge in the `WEIR_PURGES` bucket, so purged jobs can be
+//!   enqueued again and read as purged.
 //! - [`park`]: the durable overflow for keys beyond their in-memory horizon.
 //! - [`recover`]: what a partition's previous run left unacked, so order survives a restart.
 //! - [`release`]: pipelined publishing and the released job's headers.
@@ -82,6 +84,7 @@ pub mod natsd;
 pub mod park;
 pub mod partition;
 pub mod poison;
+pub mod purges;
 pub mod recover;
 pub mod release;
 pub mod scheduler;

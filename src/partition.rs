@@ -569,6 +569,8 @@ impl Partition {
             let at = release::unix_ms();
             rec.queued_at = Some(job.enqueued_ms);
             rec.parked_at = Some(at);
+            // A purge of the key beginning after `seq` was stored deletes it from the park.
+            rec.sequence = Some(seq);
             // Carried on, so that the records written at release and after can show it.
             h.insert(header::PARKED_AT, at.to_string());
         }

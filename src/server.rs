@@ -46,6 +46,8 @@ pub enum RunError {
     Trace(#[from] crate::trace::TraceError),
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    #[error(transparent)]
+    Purges(#[from] crate::purges::PurgesError),
     #[error("cannot set up job status: {0}; check that the NATS account allows another KV bucket, or set job_status_retention = \"0\"")]
     Status(#[from] crate::status::StatusError),
     #[error("cannot listen on {addr}: {source}")]
@@ -196,8 +198,14 @@ pub async fn run(
     let metrics = Metrics::install("weir")?;
     let traces = Tracing::install("weir")?;
     let store = Store::open(&js, &config).await?;
-    let (status, status_task) =
-        crate::status::StatusStore::open(&js, &config, metrics.job_status_dropped()).await?;
+    let purges = crate::purges::Purges::open(&js, &config).await?;
+    let (status, status_task) = crate::status::StatusStore::open(
+        &js,
+        &config,
+        purges.clone(),
+        metrics.job_status_dropped(),
+    )
+    .await?;
     let m = metrics.clone();
     let (limits, watcher) = store
         .clone()
@@ -272,10 +280,11 @@ pub async fn run(
         topo.released.clone(),
         topo.dead.clone(),
         limits.clone(),
+        purges.clone(),
     );
     // The SHARQ API records queued, dequeued, finished, requeued and dead in the same store.
     let status_hook: Arc<dyn sharq::StatusHook> = Arc::new(status.clone());
-    let publisher = sharq::Publisher::new(client.clone(), status_hook.clone());
+    let publisher = sharq::Publisher::new(client.clone(), status_hook.clone(), purges);
     if let Some(listener) = sharq_listener {
         let dequeue = sharq::dequeue::Dequeue::new(
             topo.released.clone(),

@@ -81,6 +81,10 @@ pub struct JobEvent<'a> {
     /// From the released job's `Weir-Enqueued-At` and `Weir-Released-At`, when known.
     pub enqueued_at: Option<u64>,
     pub released_at: Option<u64>,
+    /// The job's sequence in `WEIR_JOBS`, when enqueued.
+    pub sequence: Option<u64>,
+    /// Enqueued again after a purge took the job that had its id ([`crate::purges`]).
+    pub after_purge: bool,
 }
 
 /// Where job events go: the job status store ([`crate::status::StatusStore`]), or [`NoStatus`]
@@ -108,13 +112,18 @@ impl StatusHook for crate::status::StatusStore {
             dequeued_at: None,
             finished_at: None,
             dead_at: None,
+            sequence: e.sequence,
         };
         match e.state {
             JobState::Queued => {
                 // The pipeline may have parked or released the job before its enqueue's ack
-                // came back: only a job with no record yet gets this one.
+                // came back: only a job with no record yet gets this one, or, for a job enqueued
+                // again after a purge, one whose record is the purged job's.
                 rec.queued_at = rec.queued_at.or(at);
-                return self.record_first(&rec);
+                return match e.after_purge {
+                    true => self.record_over_purged(&rec),
+                    false => self.record_first(&rec),
+                };
             }
             JobState::Dequeued => (rec.state, rec.dequeued_at) = (S::Dequeued, at),
             JobState::Finished => (rec.state, rec.finished_at) = (S::Finished, at),

@@ -92,6 +92,10 @@ pub struct JobRecord {
     pub finished_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_at: Option<u64>,
+    /// The job's sequence in `WEIR_JOBS`, on `queued` and `parked` records: a purge of its key
+    /// that began after it was stored took it ([`crate::purges`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
 }
 
 impl JobRecord {
@@ -115,9 +119,41 @@ impl JobRecord {
             dequeued_at: None,
             finished_at: None,
             dead_at: None,
+            sequence: None,
+        }
+    }
+
+    /// The record as its key's last purge leaves it: a job still `queued` or `parked` at a
+    /// sequence the purge covers was deleted by it, so it reads `dead`, reason `purged`.
+    pub fn after(mut self, purge: Option<crate::purges::Mark>) -> JobRecord {
+        if let (Some(seq), Some(m)) = (self.pending_at(), purge) {
+            if m.covers(seq) {
+                self.state = JobState::Dead;
+                self.reason = Some(PURGED.into());
+                self.dead_at = Some(m.at_ms);
+            }
+        }
+        self
+    }
+
+    /// Whether this record, read back, is an older job's under the same id that a purge took
+    /// before `seq` was stored, and so may be replaced by the record of the job at `seq`.
+    fn purged_before(&self, seq: u64) -> bool {
+        self.pending_at().is_some_and(|s| s < seq)
+    }
+
+    /// The job's sequence in `WEIR_JOBS` while it is `queued` or `parked`: what a purge may
+    /// have taken.
+    fn pending_at(&self) -> Option<u64> {
+        match self.state {
+            JobState::Queued | JobState::Parked => self.sequence,
+            _ => None,
         }
     }
 }
+
+/// The `reason` of a job a purge deleted.
+pub const PURGED: &str = "purged";
 
 /// Why a status could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +168,8 @@ pub enum StatusError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(transparent)]
+    Purges(#[from] crate::purges::PurgesError),
     #[error("the entry of job {job_id:?} in {BUCKET} is not a job record ({source}); it was written by something other than Weir: delete it")]
     Corrupt {
         job_id: String,
@@ -178,6 +216,7 @@ type Put = (String, Bytes, bool);
 struct Inner {
     tx: mpsc::Sender<Put>,
     kv: kv::Store,
+    purges: crate::purges::Purges,
     retention: Duration,
     dropped: Arc<AtomicU64>,
 }
@@ -195,6 +234,7 @@ impl StatusStore {
     pub async fn open(
         js: &Context,
         c: &Config,
+        purges: crate::purges::Purges,
         dropped: Arc<AtomicU64>,
     ) -> Result<(StatusStore, Option<JoinHandle<()>>), StatusError> {
         let Some(retention) = c.job_status_retention else {
@@ -223,6 +263,7 @@ impl StatusStore {
         let inner = Inner {
             tx,
             kv,
+            purges,
             retention,
             dropped,
         };
@@ -282,8 +323,46 @@ impl StatusStore {
         }
     }
 
-    /// The job's record; `None` when no record is known (never seen, or older than the
-    /// retention).
+    /// As [`StatusStore::record_first`], for a job enqueued again after a purge took the job
+    /// that had its id: the record is written where the job has none, or where the one there is
+    /// the purged job's (`queued` or `parked` at a sequence under `rec.sequence`), never over a
+    /// record the pipeline wrote for the new job meanwhile (a compare-and-set on the entry's
+    /// revision). Rare (see [`crate::purges`]), so it reads before it writes, in a task of its
+    /// own: it never blocks the caller.
+    pub fn record_over_purged(&self, rec: &JobRecord) {
+        let (Some(inner), Some(key), Some(seq)) = (&self.inner, kv_key(&rec.job_id), rec.sequence)
+        else {
+            return self.record_first(rec);
+        };
+        let kv = inner.kv.clone();
+        let value: Bytes = serde_json::to_vec(rec)
+            .expect("a job record serialises")
+            .into();
+        tokio::spawn(async move {
+            let written = match kv.entry(key.clone()).await {
+                Ok(None) => kv
+                    .create(&key, value)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Ok(Some(e)) => match serde_json::from_slice::<JobRecord>(&e.value) {
+                    Ok(old) if !old.purged_before(seq) => Ok(()),
+                    _ => kv
+                        .update(&key, value, e.revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = written {
+                tracing::debug!(error = %e, "the status of a job enqueued again after a purge was not written");
+            }
+        });
+    }
+
+    /// The job's record, as its key's last purge leaves it ([`JobRecord::after`]); `None` when no
+    /// record is known (never seen, or older than the retention).
     pub async fn get(&self, job_id: &str) -> Result<Option<JobRecord>, StatusError> {
         let inner = self.inner.as_ref().ok_or(StatusError::Off)?;
         let key = kv_key(job_id).ok_or(StatusError::BadId { len: job_id.len() })?;
@@ -291,13 +370,24 @@ impl StatusStore {
             what: "read",
             source: Box::new(e),
         })?;
-        value
-            .map(|v| serde_json::from_slice(&v))
+        let Some(rec) = value
+            .map(|v| serde_json::from_slice::<JobRecord>(&v))
             .transpose()
             .map_err(|source| StatusError::Corrupt {
                 job_id: job_id.to_string(),
                 source,
-            })
+            })?
+        else {
+            return Ok(None);
+        };
+        match rec.pending_at() {
+            // Only a pending job can have been purged: one more read, off the job path.
+            Some(_) => {
+                let mark = inner.purges.get(&rec.queue_id).await?;
+                Ok(Some(rec.after(mark)))
+            }
+            None => Ok(Some(rec)),
+        }
     }
 }
 
@@ -421,6 +511,50 @@ mod tests {
         // a: its last plain put; b: the plain put, the later first-only one would be refused;
         // c: the first first-only put; d: alone.
         assert_eq!(kept, ["released", "queued", "dequeued", "finished"]);
+    }
+
+    #[test]
+    fn a_pending_job_under_its_keys_purge_reads_purged() {
+        use crate::purges::Mark;
+        let mark = Some(Mark {
+            below: 10,
+            at_ms: 99,
+        });
+        let at = |state, seq: Option<u64>| {
+            let mut r = JobRecord::new("j", "sms", "acme", state);
+            r.sequence = seq;
+            r
+        };
+        let purged = at(JobState::Parked, Some(9)).after(mark);
+        assert_eq!(
+            (purged.state, purged.reason.as_deref(), purged.dead_at),
+            (JobState::Dead, Some(PURGED), Some(99))
+        );
+        assert_eq!(
+            at(JobState::Queued, Some(9)).after(mark).state,
+            JobState::Dead
+        );
+        // Stored after the purge began, moved on, or of unknown sequence: as recorded.
+        assert_eq!(
+            at(JobState::Queued, Some(10)).after(mark).state,
+            JobState::Queued
+        );
+        assert_eq!(
+            at(JobState::Released, Some(9)).after(mark).state,
+            JobState::Released
+        );
+        assert_eq!(
+            at(JobState::Parked, None).after(mark).state,
+            JobState::Parked
+        );
+        assert_eq!(
+            at(JobState::Parked, Some(9)).after(None).state,
+            JobState::Parked
+        );
+        // A job enqueued again after the purge replaces only a record the purge made stale.
+        assert!(at(JobState::Parked, Some(9)).purged_before(12));
+        assert!(!at(JobState::Parked, Some(12)).purged_before(12));
+        assert!(!at(JobState::Released, Some(9)).purged_before(12));
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub fn triage_filters() -> Vec<String> {
     vec!["jobs.*".into(), "jobs.*.*".into(), "jobs.*.*.>".into()]
 }
 
+/// How long `WEIR_JOBS` remembers a `Nats-Msg-Id`: a job published again within it is stored
+/// once.
+pub const JOBS_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
 /// Handles on the streams Weir uses.
 #[derive(Clone)]
 pub struct Topology {
@@ -109,7 +113,7 @@ pub async fn ensure(js: &Context, c: &Config) -> Result<Topology, TopologyError>
         allow_direct: true,
         storage: StorageType::File,
         num_replicas: c.replicas,
-        duplicate_window: Duration::from_secs(120),
+        duplicate_window: JOBS_DUPLICATE_WINDOW,
         // The client knows the server's max_payload once connected (ensure runs after a
         // JetStream round trip); 0 would mean unknown: then no limit is set, as before.
         max_message_size: match js.client().max_payload() {

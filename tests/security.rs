@@ -258,6 +258,9 @@ const WEIR_PERMISSIONS: &str = r#"{
       # job status (unless job_status_retention = "0"): created, or its max_age updated, at start
       "$JS.API.STREAM.CREATE.KV_WEIR_JOB_STATUS", "$JS.API.STREAM.INFO.KV_WEIR_JOB_STATUS"
       "$JS.API.STREAM.UPDATE.KV_WEIR_JOB_STATUS"
+      # purge marks: created, or its max_age updated, at start
+      "$JS.API.STREAM.CREATE.KV_WEIR_PURGES", "$JS.API.STREAM.INFO.KV_WEIR_PURGES"
+      "$JS.API.STREAM.UPDATE.KV_WEIR_PURGES"
       # purging a key's jobs (DELETE /v1/keys/{key}/jobs) and its parked jobs
       "$JS.API.STREAM.PURGE.WEIR_JOBS", "$JS.API.STREAM.PURGE.WEIR_PARK"
       # stored jobs Weir would never see (unreadable headers, stranded subjects): read by
@@ -274,11 +277,11 @@ const WEIR_PERMISSIONS: &str = r#"{
       # reads by sequence and by key: parked and unacked jobs, bucket entries
       "$JS.API.DIRECT.GET.WEIR_JOBS", "$JS.API.DIRECT.GET.WEIR_PARK"
       "$JS.API.DIRECT.GET.KV_WEIR_LIMITS.>", "$JS.API.DIRECT.GET.KV_WEIR_CLUSTER.>"
-      "$JS.API.DIRECT.GET.KV_WEIR_JOB_STATUS.>"
+      "$JS.API.DIRECT.GET.KV_WEIR_JOB_STATUS.>", "$JS.API.DIRECT.GET.KV_WEIR_PURGES.>"
       # acks of the jobs it took, and what it stores
       "$JS.ACK.WEIR_JOBS.>"
       "released.>", "park.>", "dead.>"
-      "$KV.WEIR_LIMITS.>", "$KV.WEIR_CLUSTER.>", "$KV.WEIR_JOB_STATUS.>"
+      "$KV.WEIR_LIMITS.>", "$KV.WEIR_CLUSTER.>", "$KV.WEIR_JOB_STATUS.>", "$KV.WEIR_PURGES.>"
       # destination caps shared between processes
       "weir.caps"
     ]

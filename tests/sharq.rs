@@ -700,3 +700,67 @@ async fn an_older_released_stream_gets_direct_gets() {
     })
     .await;
 }
+
+/// A job deleted by `deletequeue` reads as purged, and enqueued again with the same id within
+/// JetStream's duplicate window it is stored again and delivered: the delete must not turn the
+/// second enqueue into a duplicate of a job that no longer exists. A third enqueue is a
+/// duplicate again.
+#[tokio::test]
+async fn a_job_enqueued_again_after_deletequeue_is_delivered() {
+    let (_env, w, sharq) = start().await;
+    let state = |id: &'static str| async move {
+        let (code, v) = http_json(w.http, "GET", &format!("/v1/jobs/{id}"), None).await;
+        (code, v)
+    };
+    // The first takes the queue's one token; the second waits a minute, held; the third two,
+    // beyond the 5 s horizon: parked.
+    for job in ["first", "second", "third"] {
+        let (code, v) = enqueue(sharq, "/enqueue/sms/again/", job, 60_000).await;
+        assert_eq!(code, 201, "{v}");
+    }
+    eventually("the third parked", Duration::from_secs(10), || async {
+        match state("third").await {
+            (200, v) if v["state"] == "parked" => Ok(()),
+            (code, v) => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+    let purge = json!({"purge_all": false});
+    let (code, v) = http_json(sharq, "DELETE", "/deletequeue/sms/again/", Some(&purge)).await;
+    assert_eq!((code, &v["status"]), (200, &json!("Success")), "{v}");
+    // The parked job's record still says parked; the key's purge mark says what became of it.
+    let (code, v) = state("third").await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (&v["state"], &v["reason"]),
+        (&json!("dead"), &json!("purged")),
+        "{v}"
+    );
+    assert!(v["dead_at"].as_u64() >= v["parked_at"].as_u64(), "{v}");
+    // The held one is recorded so by the partition that held it.
+    eventually("the second purged", Duration::from_secs(10), || async {
+        match state("second").await {
+            (200, v) if v["state"] == "dead" && v["reason"] == "purged" => Ok(()),
+            (code, v) => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+
+    // Again, with no interval now: released at once, and recorded as the new job.
+    let (code, v) = enqueue(sharq, "/enqueue/sms/again/", "third", 0).await;
+    assert_eq!((code, &v["status"]), (201, &json!("queued")), "{v}");
+    let (code, v) = dequeue(sharq, "sms", 10_000).await;
+    assert_eq!((code, &v["job_id"]), (200, &json!("third")), "{v}");
+    eventually("the new job's record", Duration::from_secs(10), || async {
+        match state("third").await {
+            (200, v) if v["state"] == "dequeued" => Ok(()),
+            (code, v) => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+    // The same job once more: a duplicate of the one enqueued after the purge.
+    let (code, v) = enqueue(sharq, "/enqueue/sms/again/", "third", 0).await;
+    assert_eq!((code, &v["status"]), (201, &json!("queued")), "{v}");
+    let (code, v) = dequeue(sharq, "sms", 1_000).await;
+    assert_eq!(code, 404, "stored once: {v}");
+}

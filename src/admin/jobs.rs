@@ -17,7 +17,7 @@ impl From<StatusError> for ApiError {
         match e {
             StatusError::Off => ApiError::unavailable(e.to_string()),
             StatusError::BadId { .. } => ApiError::bad_request(e.to_string()),
-            StatusError::Nats { .. } | StatusError::Corrupt { .. } => {
+            StatusError::Nats { .. } | StatusError::Purges(_) | StatusError::Corrupt { .. } => {
                 ApiError::unavailable(format!("{e}; retry in a moment"))
             }
         }

@@ -29,7 +29,9 @@ impl Partition {
                 let mut purged = Purged::default();
                 // Jobs read back from the park are counted with the park's purge below.
                 let mut last = None;
+                let at = crate::release::unix_ms();
                 for h in self.sched.purge_key(&key) {
+                    self.record_purged(&h.job, &key, at);
                     if let Some(a) = h.job.acker {
                         if let Some(before) = last.replace(a) {
                             ack(before).await;
@@ -53,6 +55,24 @@ impl Partition {
                 );
                 let _ = reply.send(purged);
             }
+        }
+    }
+
+    /// Records a held job the purge took as `dead`, reason `purged`: its record may say
+    /// `queued` or `parked` at a sequence the purge's mark does not cover (stored while the
+    /// purge was on its way).
+    fn record_purged(&self, job: &Job, key: &str, at: u64) {
+        let h = job.headers.as_ref();
+        let dest = match job::parse_stored(&job.subject) {
+            Ok(route) => route.dest,
+            Err(_) => h
+                .and_then(|h| h.get(header::DESTINATION))
+                .map_or("", |v| v.as_str()),
+        };
+        if let Some(mut rec) = self.status_of(h, JobState::Dead, dest, key) {
+            rec.reason = Some(status::PURGED.into());
+            rec.dead_at = Some(at);
+            self.status.record(&rec);
         }
     }
 

@@ -313,6 +313,8 @@ async fn take(s: SharqState, queue_type: String, query: HashMap<String, String>)
         at_ms: super::now_ms(),
         enqueued_at,
         released_at,
+        sequence: None,
+        after_purge: false,
     });
     let length = s.lengths.peek(&queue_type, &queue_id);
     // The payload is spliced in as it is stored (it is the JSON the producer gave).
@@ -389,6 +391,8 @@ impl Dequeue {
             at_ms: super::now_ms(),
             enqueued_at: held.enqueued_at,
             released_at: held.released_at,
+            sequence: None,
+            after_purge: false,
         });
         Finished::Done
     }

@@ -6,6 +6,11 @@
 //! job twice within the stream's duplicate window (2 min) stores it once; the second answer is
 //! the same `queued` (SHARQ would keep a phantom second entry).
 //!
+//! A job enqueued again after a purge of its key took it is stored again: JetStream answers it
+//! as a duplicate of the purged job, and the key's purge mark ([`crate::purges`]) shows that the
+//! job it duplicates is gone. It is published once more, under a message id that names the
+//! purge. So a purge ends the duplicate window of every job of the key stored before it.
+//!
 //! A bulk request is published pipelined: every publish is sent without waiting, at most
 //! [`WINDOW`] acks outstanding per request, and the acks are collected in order, so 10,000 jobs
 //! cost about one round trip per window rather than one per job. Each job is answered on its own.
@@ -25,6 +30,7 @@ use serde_json::{json, Value};
 
 use super::{check_id, failure, parse_body, JobEvent, JobState, SharqState, StatusHook, MAX_BULK};
 use crate::job::header;
+use crate::purges::Purges;
 
 /// Publishes awaiting their ack, per request.
 pub const WINDOW: usize = 1024;
@@ -55,18 +61,23 @@ pub fn msg_id(queue_type: &str, queue_id: &str, job_id: &str) -> String {
 pub struct Publisher {
     js: Context,
     status: Arc<dyn StatusHook>,
+    purges: Purges,
 }
 
 impl Publisher {
     /// Its own JetStream context: room for many concurrent bulk requests' windows, waiting (not
     /// failing) when it is full; each request holds at most [`WINDOW`] permits while it waits
     /// for its own acks, so requests cannot starve each other into a deadlock.
-    pub fn new(client: async_nats::Client, status: Arc<dyn StatusHook>) -> Publisher {
+    pub fn new(
+        client: async_nats::Client,
+        status: Arc<dyn StatusHook>,
+        purges: Purges,
+    ) -> Publisher {
         let js = jetstream::ContextBuilder::new()
             .max_ack_inflight(WINDOW * 64)
             .backpressure_on_inflight(true)
             .build(client);
-        Publisher { js, status }
+        Publisher { js, status, purges }
     }
 
     /// Publishes `jobs` pipelined and answers each, in order: `Ok(duplicate)` once stored,
@@ -79,16 +90,8 @@ impl Publisher {
                 let (ack, job) = pending.pop_front().expect("a full window");
                 out.push(self.settle(ack, job).await);
             }
-            let mut h = HeaderMap::new();
-            h.insert(JOB_ID, job.job_id.as_str());
-            h.insert(REQUEUE_LIMIT, job.requeue_limit.to_string());
-            h.insert(MSG_ID, msg_id(&job.queue_type, &job.queue_id, &job.job_id));
-            let subject = format!("jobs.{}.{}", job.queue_type, job.queue_id);
-            let sent = self
-                .js
-                .publish_with_headers(subject, h, job.payload.clone())
-                .await
-                .map_err(|e| e.to_string());
+            let id = msg_id(&job.queue_type, &job.queue_id, &job.job_id);
+            let sent = self.send(job, id).await;
             pending.push_back((sent, job));
         }
         while let Some((ack, job)) = pending.pop_front() {
@@ -107,24 +110,78 @@ impl Publisher {
             Err(e) => Err(e),
         };
         match ack {
-            // A duplicate's job is already recorded, maybe further along.
-            Ok(ack) if ack.duplicate => Ok(true),
-            Ok(_) => {
-                self.status.record(&JobEvent {
-                    job_id: &job.job_id,
-                    queue_type: &job.queue_type,
-                    queue_id: &job.queue_id,
-                    state: JobState::Queued,
-                    requeues: 0,
-                    reason: None,
-                    at_ms: super::now_ms(),
-                    enqueued_at: None,
-                    released_at: None,
-                });
+            Ok(ack) if ack.duplicate => self.duplicate(job, ack.sequence).await,
+            Ok(ack) => {
+                self.queued(job, ack.sequence, false);
                 Ok(false)
             }
             Err(e) => Err(format!("NATS did not store the job ({e}); retry it")),
         }
+    }
+
+    /// Publishes `job` to its subject under message id `id`, without waiting for the ack.
+    async fn send(
+        &self,
+        job: &Job,
+        id: String,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
+        let mut h = HeaderMap::new();
+        h.insert(JOB_ID, job.job_id.as_str());
+        h.insert(REQUEUE_LIMIT, job.requeue_limit.to_string());
+        h.insert(MSG_ID, id);
+        let subject = format!("jobs.{}.{}", job.queue_type, job.queue_id);
+        self.js
+            .publish_with_headers(subject, h, job.payload.clone())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// JetStream already had a job under this message id, at sequence `seq`. The same job,
+    /// unless a purge of its key has taken it since: then it is published again under a message
+    /// id naming that purge, and stored. `Ok(true)` for a duplicate.
+    async fn duplicate(&self, job: &Job, seq: u64) -> Result<bool, String> {
+        let mark = self.purges.get(&job.queue_id).await.map_err(|e| {
+            format!("cannot tell whether a purge took the job this one repeats ({e}); retry it")
+        })?;
+        let Some(mark) = mark.filter(|m| m.covers(seq)) else {
+            // Already recorded, maybe further along.
+            return Ok(true);
+        };
+        let id = format!(
+            "{}:{}",
+            msg_id(&job.queue_type, &job.queue_id, &job.job_id),
+            mark.below
+        );
+        let ack = match self.send(job, id).await {
+            Ok(f) => f.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match ack {
+            // Enqueued again since this purge already.
+            Ok(ack) if ack.duplicate => Ok(true),
+            Ok(ack) => {
+                self.queued(job, ack.sequence, true);
+                Ok(false)
+            }
+            Err(e) => Err(format!("NATS did not store the job ({e}); retry it")),
+        }
+    }
+
+    /// Records `job` queued, stored at `seq`.
+    fn queued(&self, job: &Job, seq: u64, after_purge: bool) {
+        self.status.record(&JobEvent {
+            job_id: &job.job_id,
+            queue_type: &job.queue_type,
+            queue_id: &job.queue_id,
+            state: JobState::Queued,
+            requeues: 0,
+            reason: None,
+            at_ms: super::now_ms(),
+            enqueued_at: None,
+            released_at: None,
+            sequence: Some(seq),
+            after_purge,
+        });
     }
 }
 

@@ -151,6 +151,8 @@ impl Feed {
             at_ms: super::now_ms(),
             enqueued_at: time(h::ENQUEUED_AT),
             released_at: time(h::RELEASED_AT),
+            sequence: None,
+            after_purge: false,
         };
         if limit >= 0 && i64::from(requeues) > limit {
             let reason = format!("{REQUEUE_LIMIT_REASON}: not finished after {delivered} deliveries (requeue_limit {limit})");
