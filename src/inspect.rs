@@ -243,17 +243,21 @@ impl Partitions {
         self.limits.borrow().clone()
     }
 
+    /// The channel of partition `p`, if this process runs it.
+    fn sender(&self, p: u16) -> Result<mpsc::Sender<Command>, InspectError> {
+        self.registry.get(p).ok_or_else(|| InspectError::NotOwned {
+            partition: p,
+            owner: self.owner_of.as_ref().and_then(|f| f(p)),
+        })
+    }
+
     async fn ask<T>(
         &self,
         p: u16,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, InspectError> {
         let (tx, rx) = oneshot::channel();
-        let sender = self.registry.get(p).ok_or_else(|| InspectError::NotOwned {
-            partition: p,
-            owner: self.owner_of.as_ref().and_then(|f| f(p)),
-        })?;
-        sender
+        self.sender(p)?
             .send(make(tx))
             .await
             .map_err(|_| InspectError::Unavailable(p))?;
@@ -316,6 +320,8 @@ impl Partitions {
     /// may then store a second time, never a job that is not stored at all.
     pub async fn purge(&self, key: &str) -> Result<Purged, InspectError> {
         let p = job::partition_of(key, self.count());
+        // Not marked by a process that would not purge.
+        self.sender(p)?;
         // The purge takes the jobs stored before it began; the partition drops those it has
         // not read yet as they come ([`crate::partition`]'s fences).
         let below = self

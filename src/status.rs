@@ -50,6 +50,9 @@ pub const BUCKET: &str = "WEIR_JOB_STATUS";
 pub const MAX_JOB_ID_LEN: usize = 256;
 /// Records waiting for the background publisher; beyond it they are dropped and counted.
 pub const QUEUE: usize = 16_384;
+/// Records of jobs enqueued again after a purge being written at once
+/// ([`StatusStore::record_over_purged`]); beyond it they are dropped and counted.
+pub const OVER_PURGED: usize = 1024;
 
 const JOB_ID: HeaderName = HeaderName::from_static(header::JOB_ID);
 
@@ -217,6 +220,8 @@ struct Inner {
     tx: mpsc::Sender<Put>,
     kv: kv::Store,
     purges: crate::purges::Purges,
+    /// Records of jobs enqueued again after a purge being written ([`OVER_PURGED`] at most).
+    over_purged: Arc<tokio::sync::Semaphore>,
     retention: Duration,
     dropped: Arc<AtomicU64>,
 }
@@ -264,6 +269,7 @@ impl StatusStore {
             tx,
             kv,
             purges,
+            over_purged: Arc::new(tokio::sync::Semaphore::new(OVER_PURGED)),
             retention,
             dropped,
         };
@@ -328,11 +334,16 @@ impl StatusStore {
     /// the purged job's (`queued` or `parked` at a sequence under `rec.sequence`), never over a
     /// record the pipeline wrote for the new job meanwhile (a compare-and-set on the entry's
     /// revision). Rare (see [`crate::purges`]), so it reads before it writes, in a task of its
-    /// own: it never blocks the caller.
+    /// own: it never blocks the caller. At most [`OVER_PURGED`] at once; past that the record
+    /// is dropped and counted.
     pub fn record_over_purged(&self, rec: &JobRecord) {
         let (Some(inner), Some(key), Some(seq)) = (&self.inner, kv_key(&rec.job_id), rec.sequence)
         else {
             return self.record_first(rec);
+        };
+        let Ok(permit) = inner.over_purged.clone().try_acquire_owned() else {
+            inner.dropped.fetch_add(1, Relaxed);
+            return;
         };
         let kv = inner.kv.clone();
         let value: Bytes = serde_json::to_vec(rec)
@@ -358,6 +369,7 @@ impl StatusStore {
             if let Err(e) = written {
                 tracing::debug!(error = %e, "the status of a job enqueued again after a purge was not written");
             }
+            drop(permit);
         });
     }
 
