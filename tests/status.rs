@@ -1,5 +1,6 @@
 //! Job status against a real nats-server: jobs published with a `Weir-Job-Id` header show up at
-//! `GET /v1/jobs/{job_id}` as released, parked then released, or dead with their reason; an
+//! `GET /v1/jobs/{job_id}` as released, parked then released, dead with their reason, or dead
+//! `purged` after a purge of their key; an
 //! unknown id is a 404, a record past its retention expires to a 404, and with status off the
 //! endpoint answers 503. Every check polls for its event (`eventually`), never sleeps.
 
@@ -117,6 +118,47 @@ async fn a_parked_job_shows_parked_then_released() {
     );
     assert!(time(&released, "released_at") >= parked_at, "{released}");
     assert_eq!(env.stream_len("WEIR_PARK").await, 0);
+}
+
+/// Jobs a purge deleted read `dead`, reason `purged`: the held one as its partition recorded it,
+/// the parked one through the key's purge mark (its record still says parked); the job already
+/// released stays released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purged_jobs_show_dead_purged() {
+    let env = Env::start().await;
+    let toml = format!("horizon_ms = 100\n{BASE}[limits.keys.gone]\nrate = \"1/m\"\nburst = 1\n");
+    let weir = InProc::start(&env, &toml).await;
+    for i in 1..=5 {
+        publish_with_id(&env, "jobs.sms.gone", &format!("gone-{i}")).await;
+    }
+    wait_state(weir.http, "gone-1", "released").await;
+    // The second is held in memory (a key keeps its next job there); the others are parked.
+    let mut parked = Vec::new();
+    for i in 3..=5 {
+        parked.push(wait_state(weir.http, &format!("gone-{i}"), "parked").await);
+    }
+    let before = unix_ms();
+    let (code, v) = http_json(weir.http, "DELETE", "/v1/keys/gone/jobs", None).await;
+    assert_eq!((code, &v["total"]), (200, &serde_json::json!(4)), "{v}");
+    let v = wait_state(weir.http, "gone-2", "dead").await;
+    assert_eq!(v["reason"], "purged", "{v}");
+    for (i, p) in (3..=5).zip(&parked) {
+        let v = wait_state(weir.http, &format!("gone-{i}"), "dead").await;
+        assert_eq!(v["reason"], "purged", "{v}");
+        assert!(time(&v, "dead_at") >= before.saturating_sub(1_000), "{v}");
+        assert_eq!(v["parked_at"], p["parked_at"], "{v}");
+    }
+    // The last, minutes from its turn, was never read back from the park: its record is still
+    // the one written when it was parked, and the answer above came from the key's purge mark.
+    let kv = env
+        .js
+        .get_key_value("WEIR_JOB_STATUS")
+        .await
+        .expect("the bucket");
+    let raw = kv.get("gone-5").await.expect("read").expect("a record");
+    let raw: Value = serde_json::from_slice(&raw).expect("JSON");
+    assert_eq!(raw["state"], "parked", "{raw}");
+    assert_eq!(job_status(weir.http, "gone-1").await.1["state"], "released");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

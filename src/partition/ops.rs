@@ -63,14 +63,20 @@ impl Partition {
     /// purge was on its way).
     fn record_purged(&self, job: &Job, key: &str, at: u64) {
         let h = job.headers.as_ref();
-        let dest = match job::parse_stored(&job.subject) {
-            Ok(route) => route.dest,
-            Err(_) => h
-                .and_then(|h| h.get(header::DESTINATION))
-                .map_or("", |v| v.as_str()),
+        let get = |name| h.and_then(|h| h.get(name)).map(|v| v.as_str());
+        let time = |name| get(name).and_then(|v| v.parse().ok());
+        // A fresh job's route is its subject; one read back from the park carries it in headers.
+        let (dest, queued_at) = match job::parse_stored(&job.subject) {
+            Ok(route) => (route.dest, Some(job.enqueued_ms)),
+            Err(_) => (
+                get(header::DESTINATION).unwrap_or_default(),
+                time(header::ENQUEUED_AT),
+            ),
         };
         if let Some(mut rec) = self.status_of(h, JobState::Dead, dest, key) {
             rec.reason = Some(status::PURGED.into());
+            rec.queued_at = queued_at;
+            rec.parked_at = time(header::PARKED_AT);
             rec.dead_at = Some(at);
             self.status.record(&rec);
         }
