@@ -763,4 +763,11 @@ async fn a_job_enqueued_again_after_deletequeue_is_delivered() {
     assert_eq!((code, &v["status"]), (201, &json!("queued")), "{v}");
     let (code, v) = dequeue(sharq, "sms", 1_000).await;
     assert_eq!(code, 404, "stored once: {v}");
+    // The held one, through a bulk enqueue.
+    let bulk =
+        json!({"jobs": [{"job_id": "second", "queue_id": "again", "payload": {}, "interval": 0}]});
+    let (code, v) = http_json(sharq, "POST", "/enqueue/sms/bulk/", Some(&bulk)).await;
+    assert_eq!((code, &v["queued"]), (200, &json!(1)), "{v}");
+    let (code, v) = dequeue(sharq, "sms", 10_000).await;
+    assert_eq!((code, &v["job_id"]), (200, &json!("second")), "{v}");
 }

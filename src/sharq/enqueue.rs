@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 
 use super::{check_id, failure, parse_body, JobEvent, JobState, SharqState, StatusHook, MAX_BULK};
 use crate::job::header;
-use crate::purges::Purges;
+use crate::purges::{Mark, Purges};
 
 /// Publishes awaiting their ack, per request.
 pub const WINDOW: usize = 1024;
@@ -55,6 +55,9 @@ pub struct Job {
 pub fn msg_id(queue_type: &str, queue_id: &str, job_id: &str) -> String {
     format!("job:{queue_type}:{queue_id}:{job_id}")
 }
+
+/// Purge marks by key, read once per call: a bulk request sent again whole is all duplicates.
+type Marks = HashMap<String, Option<Mark>>;
 
 /// Publishes jobs to `WEIR_JOBS`. Cheap to clone.
 #[derive(Clone)]
@@ -85,17 +88,19 @@ impl Publisher {
     pub async fn publish_all(&self, jobs: &[Job]) -> Vec<Result<bool, String>> {
         let mut out = Vec::with_capacity(jobs.len());
         let mut pending = VecDeque::with_capacity(WINDOW.min(jobs.len()));
+        // The purge marks of the keys of this call's duplicates, each read once.
+        let mut marks = Marks::new();
         for job in jobs {
             if pending.len() >= WINDOW {
                 let (ack, job) = pending.pop_front().expect("a full window");
-                out.push(self.settle(ack, job).await);
+                out.push(self.settle(ack, job, &mut marks).await);
             }
             let id = msg_id(&job.queue_type, &job.queue_id, &job.job_id);
             let sent = self.send(job, id).await;
             pending.push_back((sent, job));
         }
         while let Some((ack, job)) = pending.pop_front() {
-            out.push(self.settle(ack, job).await);
+            out.push(self.settle(ack, job, &mut marks).await);
         }
         out
     }
@@ -104,13 +109,14 @@ impl Publisher {
         &self,
         sent: Result<async_nats::jetstream::context::PublishAckFuture, String>,
         job: &Job,
+        marks: &mut Marks,
     ) -> Result<bool, String> {
         let ack = match sent {
             Ok(f) => f.await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         match ack {
-            Ok(ack) if ack.duplicate => self.duplicate(job, ack.sequence).await,
+            Ok(ack) if ack.duplicate => self.duplicate(job, ack.sequence, marks).await,
             Ok(ack) => {
                 self.queued(job, ack.sequence, false);
                 Ok(false)
@@ -139,10 +145,18 @@ impl Publisher {
     /// JetStream already had a job under this message id, at sequence `seq`. The same job,
     /// unless a purge of its key has taken it since: then it is published again under a message
     /// id naming that purge, and stored. `Ok(true)` for a duplicate.
-    async fn duplicate(&self, job: &Job, seq: u64) -> Result<bool, String> {
-        let mark = self.purges.get(&job.queue_id).await.map_err(|e| {
-            format!("cannot tell whether a purge took the job this one repeats ({e}); retry it")
-        })?;
+    async fn duplicate(&self, job: &Job, seq: u64, marks: &mut Marks) -> Result<bool, String> {
+        let mark = match marks.get(&job.queue_id) {
+            Some(m) => *m,
+            None => {
+                let m = self.purges.get(&job.queue_id).await.map_err(|e| {
+                    format!(
+                        "cannot tell whether a purge took the job this one repeats ({e}); retry it"
+                    )
+                })?;
+                *marks.entry(job.queue_id.clone()).or_insert(m)
+            }
+        };
         let Some(mark) = mark.filter(|m| m.covers(seq)) else {
             // Already recorded, maybe further along.
             return Ok(true);
