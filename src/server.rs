@@ -319,6 +319,7 @@ pub async fn run(
         });
         tracker.spawn(sharq::forward::answer(shared.clone(), cancel.clone()));
         tracker.spawn(sharq::gather::answer(shared.clone(), cancel.clone()));
+        tracker.spawn(sharq::deleted::answer(shared.clone(), cancel.clone()));
         tracker.spawn(sharq::serve(listener, shared, cancel.clone()));
     }
     let state = admin::AdminState {

@@ -24,7 +24,7 @@
 //! API's `POST /v1/jobs:batch`), [`dequeue`] (dequeue, finish, requeue), [`forward`] (a finish
 //! that reaches a process not holding the job), [`queues`] (interval, metrics, deletequeue,
 //! deepstatus), [`lengths`] (how many of a queue's jobs wait), [`gather`] (metrics added up
-//! over every process).
+//! over every process), [`deleted`] (a deleted queue's prefetched jobs dropped on every process).
 
 use std::sync::Arc;
 
@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SharqSettings;
 
 pub mod counters;
+pub mod deleted;
 pub mod dequeue;
 pub mod enqueue;
 mod feed;

@@ -453,8 +453,9 @@ async fn start_watched(env: &Env, toml: &str, seen: Arc<Mutex<Vec<String>>>) -> 
 const SHARQ_PUBLISH: &str = r#""jobs.>", "$JS.API.CONSUMER.CREATE.WEIR_RELEASED.>"
       "$JS.API.CONSUMER.INFO.WEIR_RELEASED.*", "$JS.API.CONSUMER.MSG.NEXT.WEIR_RELEASED.*"
       "$JS.ACK.WEIR_RELEASED.>", "$JS.API.STREAM.PURGE.WEIR_RELEASED", "weir.sharq.finish"
-      "weir.sharq.metrics", "$JS.API.DIRECT.GET.WEIR_RELEASED""#;
-const SHARQ_SUBSCRIBE: &str = r#""weir.sharq.finish", "weir.sharq.metrics""#;
+      "weir.sharq.metrics", "weir.sharq.deletequeue", "$JS.API.DIRECT.GET.WEIR_RELEASED""#;
+const SHARQ_SUBSCRIBE: &str =
+    r#""weir.sharq.finish", "weir.sharq.metrics", "weir.sharq.deletequeue""#;
 
 /// Two Weir processes serving the SHARQ API under [`WEIR_PERMISSIONS`] plus the README's
 /// SHARQ additions: enqueue (single and bulk), dequeue, a finish forwarded from the other
@@ -477,6 +478,11 @@ async fn sharq_api_runs_with_its_documented_permissions() {
         );
     assert_eq!(perms.matches("weir.sharq.finish").count(), 2, "{perms}");
     assert_eq!(perms.matches("weir.sharq.metrics").count(), 2, "{perms}");
+    assert_eq!(
+        perms.matches("weir.sharq.deletequeue").count(),
+        2,
+        "{perms}"
+    );
     let env = with_users(
         &dir,
         &format!("{{ user: weir, password: weir, permissions: {perms} }}\n"),

@@ -387,6 +387,143 @@ async fn queue_length_counts_jobs_another_process_prefetched() {
     }
 }
 
+/// `deletequeue` takes the queue's jobs a process holds prefetched for its dequeues, on every
+/// process: once it has answered, no dequeue hands out a job of the deleted queue (before, up to
+/// the prefetch buffer's 256 a type and process still went out). Other queues' prefetched jobs
+/// stay.
+#[tokio::test]
+async fn deletequeue_takes_the_jobs_other_processes_prefetched() {
+    let env = Env::start().await;
+    let (a, sharq_a) = InProc::start_sharq(&env, TOML).await;
+    let (b, sharq_b) = InProc::start_sharq(&env, TOML).await;
+    wait_members(&[a.http, b.http], 2).await;
+    let released = |ids: Vec<String>| async move {
+        eventually("released", Duration::from_secs(10), || async {
+            for id in &ids {
+                let (_, v) = http_json(a.http, "GET", &format!("/v1/jobs/{id}"), None).await;
+                if v["state"] != "released" {
+                    return Err(format!("{id}: {v}"));
+                }
+            }
+            Ok(())
+        })
+        .await
+    };
+    // The campaign's five first, then another queue's two: released in that order.
+    let campaign: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
+    for id in &campaign {
+        assert_eq!(
+            enqueue(sharq_a, "/enqueue/sms/campaign/", id, 0).await.0,
+            201
+        );
+    }
+    released(campaign).await;
+    let other: Vec<String> = (0..2).map(|i| format!("o{i}")).collect();
+    for id in &other {
+        assert_eq!(enqueue(sharq_a, "/enqueue/sms/other/", id, 0).await.0, 201);
+    }
+    released(other).await;
+    // B hands out the campaign's first and holds the other six prefetched.
+    let (code, v) = dequeue(sharq_b, "sms", 10_000).await;
+    assert_eq!((code, &v["queue_id"]), (200, &json!("campaign")), "{v}");
+    let stream = env.js.get_stream("WEIR_RELEASED").await.unwrap();
+    eventually("B to hold all seven", Duration::from_secs(10), || {
+        let stream = stream.clone();
+        async move {
+            let mut c: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer("sharq-sms")
+                .await
+                .map_err(|e| e.to_string())?;
+            let i = c.info().await.map_err(|e| e.to_string())?;
+            match (i.num_pending, i.num_ack_pending) {
+                (0, 7) => Ok(()),
+                n => Err(format!("(pending, ack pending) {n:?}")),
+            }
+        }
+    })
+    .await;
+    // Deleted through A; B's four prefetched campaign jobs go with it.
+    let purge = json!({"purge_all": false});
+    let (code, v) = http_json(
+        sharq_a,
+        "DELETE",
+        "/deletequeue/sms/campaign/",
+        Some(&purge),
+    )
+    .await;
+    assert_eq!((code, &v["status"]), (200, &json!("Success")), "{v}");
+    let mut got = Vec::new();
+    loop {
+        match dequeue(sharq_b, "sms", 1_000).await {
+            (200, v) => got.push(v["job_id"].as_str().unwrap().to_string()),
+            (404, _) => break,
+            (code, v) => panic!("{code} {v}"),
+        }
+    }
+    assert_eq!(got, ["o0", "o1"]);
+    assert_eq!(dequeue(sharq_a, "sms", 500).await.0, 404);
+    // The job dequeued before the delete is still its worker's to finish.
+    let (code, v) = http_json(sharq_b, "POST", "/finish/sms/campaign/c0/", None).await;
+    assert_eq!(code, 200, "{v}");
+    // Deleting it again finds nothing.
+    let (_, v) = http_json(
+        sharq_a,
+        "DELETE",
+        "/deletequeue/sms/campaign/",
+        Some(&purge),
+    )
+    .await;
+    assert_eq!(v["status"], "Failure", "{v}");
+}
+
+/// `deletequeue` reaching a process that does not run the key's partition is carried out by the
+/// one that does (before, it answered 503 there: half the time, with two processes behind one
+/// address).
+#[tokio::test]
+async fn deletequeue_reaches_the_process_running_the_key() {
+    let env = Env::start().await;
+    let (a, sharq_a) = InProc::start_sharq(&env, TOML).await;
+    let (b, sharq_b) = InProc::start_sharq(&env, TOML).await;
+    wait_members(&[a.http, b.http], 2).await;
+    // One released, one held, one parked.
+    for id in ["s1", "s2", "s3"] {
+        assert_eq!(
+            enqueue(sharq_a, "/enqueue/sms/slow/", id, 60_000).await.0,
+            201
+        );
+    }
+    eventually("s3 parked", Duration::from_secs(10), || async {
+        match http_json(a.http, "GET", "/v1/jobs/s3", None).await {
+            (200, v) if v["state"] == "parked" => Ok(()),
+            (code, v) => Err(format!("{code} {v}")),
+        }
+    })
+    .await;
+    let (owner, other) = match http_json(a.http, "GET", "/v1/keys/slow", None).await {
+        (421, _) => ((b.http, sharq_b), sharq_a),
+        (200, _) => ((a.http, sharq_a), sharq_b),
+        (code, v) => panic!("{code} {v}"),
+    };
+    let purge = json!({"purge_all": false});
+    let (code, v) = http_json(other, "DELETE", "/deletequeue/sms/slow/", Some(&purge)).await;
+    assert_eq!((code, &v["status"]), (200, &json!("Success")), "{v}");
+    let (code, v) = http_json(owner.0, "GET", "/v1/keys/slow", None).await;
+    assert_eq!(
+        (code, &v["held"], &v["parked"]),
+        (200, &json!(0), &json!(0)),
+        "{v}"
+    );
+    for id in ["s2", "s3"] {
+        let (_, v) = http_json(owner.0, "GET", &format!("/v1/jobs/{id}"), None).await;
+        assert_eq!(
+            (&v["state"], &v["reason"]),
+            (&json!("dead"), &json!("purged")),
+            "{id}: {v}"
+        );
+    }
+    assert_eq!(dequeue(owner.1, "sms", 500).await.0, 404);
+}
+
 #[tokio::test]
 async fn requeued_after_expiry_up_to_the_limit_then_dead_lettered() {
     let env = Env::start().await;

@@ -16,7 +16,7 @@
 //! forwarded to the others (module [`forward`](super::forward)), so several Weir processes can
 //! serve one address.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,6 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -158,6 +157,22 @@ impl Dequeue {
         }
     }
 
+    /// Drops the jobs of deleted queue `queue_id` of type `queue_type` that this process holds
+    /// prefetched, under `WEIR_RELEASED` sequence `below`, and those still on their way
+    /// ([`super::feed::FENCE`]), acking them; answers how many it dropped.
+    pub async fn drop_queue(&self, queue_type: &str, queue_id: &str, below: u64) -> u64 {
+        let Some(f) = self.ready.get(queue_type) else {
+            return 0;
+        };
+        let dropped = f.drop_queue(queue_id, below);
+        let n = dropped.len() as u64;
+        for m in dropped {
+            // Deleted from the stream already; the ack clears it from the consumer.
+            let _ = m.ack().await;
+        }
+        n
+    }
+
     /// The prefetch buffers, for the queue lengths.
     pub fn feeders(&self) -> Feeders {
         self.ready.clone()
@@ -174,11 +189,7 @@ impl Dequeue {
             return Ok(f.clone());
         }
         let consumer = self.consumer(queue_type).await?;
-        let f = Arc::new(Feeder {
-            buf: Mutex::new(VecDeque::with_capacity(BUFFER)),
-            arrived: Notify::new(),
-            room: Notify::new(),
-        });
+        let f = Arc::new(Feeder::new());
         feeders.insert(queue_type.to_string(), f.clone());
         self.ready.insert(queue_type, f.clone());
         let feed = Feed {

@@ -34,9 +34,17 @@ pub(super) struct Ready {
 /// One queue type's prefetched jobs.
 pub(super) struct Feeder {
     pub(super) buf: Mutex<VecDeque<Ready>>,
+    /// Deleted queues whose jobs are dropped as they arrive: `(queue_id, below, until)`, jobs
+    /// under `WEIR_RELEASED` sequence `below`, for deliveries already on their way when the
+    /// queue was deleted. Locked only inside `buf`'s lock, so a drop and an arrival never cross.
+    pub(super) fences: Mutex<Vec<(String, u64, Instant)>>,
     pub(super) arrived: Notify,
     pub(super) room: Notify,
 }
+
+/// How long a deleted queue's prefetched jobs are dropped as they arrive: deliveries the
+/// server sent before the queue's jobs were purged are on their way for milliseconds.
+pub(super) const FENCE: Duration = Duration::from_secs(10);
 
 /// A feeder's task and what it needs.
 pub(super) struct Feed {
@@ -199,12 +207,66 @@ impl Feed {
             seq,
             msg: m,
         };
-        self.feeder.buf.lock().expect("lock").push_back(ready);
-        self.feeder.arrived.notify_one();
+        let dropped = {
+            let mut b = self.feeder.buf.lock().expect("lock");
+            if self.feeder.fenced(&ready.queue_id, seq) {
+                Some(ready.msg)
+            } else {
+                b.push_back(ready);
+                None
+            }
+        };
+        match dropped {
+            // Its queue was deleted: the stream no longer has it.
+            Some(m) => {
+                let _ = m.ack().await;
+            }
+            None => self.feeder.arrived.notify_one(),
+        }
     }
 }
 
 impl Feeder {
+    pub(super) fn new() -> Feeder {
+        Feeder {
+            buf: Mutex::new(VecDeque::with_capacity(BUFFER)),
+            fences: Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    /// Takes the buffered jobs of deleted queue `queue_id` under `WEIR_RELEASED` sequence
+    /// `below` out of the buffer, and drops those that arrive for [`FENCE`]. The caller acks
+    /// them.
+    pub(super) fn drop_queue(&self, queue_id: &str, below: u64) -> Vec<Message> {
+        let mut b = self.buf.lock().expect("lock");
+        {
+            let mut f = self.fences.lock().expect("lock");
+            let now = Instant::now();
+            f.retain(|(_, _, until)| *until > now);
+            f.push((queue_id.to_string(), below, now + FENCE));
+        }
+        let mut dropped = Vec::new();
+        b.retain(|r| {
+            let take = r.queue_id == queue_id && r.seq < below;
+            if take {
+                dropped.push(r.msg.clone());
+            }
+            !take
+        });
+        dropped
+    }
+
+    /// Whether a job of `queue_id` at `seq` belongs to a queue deleted meanwhile. Called with
+    /// `buf` locked.
+    fn fenced(&self, queue_id: &str, seq: u64) -> bool {
+        let f = self.fences.lock().expect("lock");
+        let now = Instant::now();
+        f.iter()
+            .any(|(q, below, until)| q == queue_id && seq < *below && *until > now)
+    }
+
     /// The `WEIR_RELEASED` sequences of the buffered jobs of `queue_id`.
     pub(super) fn seqs(&self, queue_id: &str) -> Vec<u64> {
         let b = self.buf.lock().expect("lock");

@@ -222,7 +222,8 @@ pub async fn metrics_queue(
 
 /// `DELETE /deletequeue/<queue_type>/<queue_id>/` with `{"purge_all": bool}`: deletes the
 /// queue's pending jobs (the key's held, parked and queued jobs, and its released jobs not yet
-/// dequeued); `purge_all` also deletes its interval. Answers as SHARQ does, 200 with
+/// dequeued, prefetched ones included: [`super::deleted`]); `purge_all` also deletes its
+/// interval. Answers as SHARQ does, 200 with
 /// `{"status": "Success"|"Failure", "message"}` (capitalised, as SHARQ writes them).
 pub async fn delete_queue(
     State(s): State<SharqState>,
@@ -241,17 +242,16 @@ pub async fn delete_queue(
         .get("purge_all")
         .and_then(|p| p.as_bool())
         .unwrap_or(false);
-    let purged = match s.inspect.purge(&q).await {
-        Ok(p) => p.total(),
+    // The key's pending jobs, by the process running its partition.
+    let purged = match super::deleted::purge_key(&s, &q).await {
+        Ok(n) => n,
         Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, format!("{e}; retry")),
     };
-    let released = s
-        .released
-        .purge()
-        .filter(crate::job::released_subject(&t, &q))
-        .await
-        .map(|p| p.purged)
-        .unwrap_or(0);
+    // Its released jobs not yet dequeued: in the stream, and prefetched by any process.
+    let released = match super::deleted::purge_released(&s, &t, &q).await {
+        Ok(n) => n,
+        Err(e) => return failure(StatusCode::SERVICE_UNAVAILABLE, format!("{e}; retry")),
+    };
     if purge_all {
         if let Err(e) = s.intervals.forget(&q).await {
             return failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
