@@ -348,6 +348,26 @@ async fn metrics_add_up_over_the_processes() {
     }
 }
 
+/// Waits until consumer `sharq-sms` has delivered every job it has, and `n` are unacked.
+async fn wait_all_delivered(env: &Env, n: u64) {
+    let released = env.js.get_stream("WEIR_RELEASED").await.unwrap();
+    eventually(&format!("{n} delivered"), Duration::from_secs(10), || {
+        let released = released.clone();
+        async move {
+            let mut c: async_nats::jetstream::consumer::PullConsumer = released
+                .get_consumer("sharq-sms")
+                .await
+                .map_err(|e| e.to_string())?;
+            let i = c.info().await.map_err(|e| e.to_string())?;
+            match (i.num_pending, i.num_ack_pending as u64) {
+                (0, m) if m == n => Ok(()),
+                got => Err(format!("(pending, ack pending) {got:?}")),
+            }
+        }
+    })
+    .await;
+}
+
 /// A queue's length at `GET /metrics/<queue_type>/<queue_id>/` counts the jobs another process
 /// holds prefetched: the process asked cannot see them in any stream (they are past the type's
 /// consumer), so the others answer with them.
@@ -365,22 +385,7 @@ async fn queue_length_counts_jobs_another_process_prefetched() {
     // B, none acked.
     let (code, v) = dequeue(sharq_b, "sms", 10_000).await;
     assert_eq!(code, 200, "{v}");
-    let released = env.js.get_stream("WEIR_RELEASED").await.unwrap();
-    eventually("B to hold all five", Duration::from_secs(10), || {
-        let released = released.clone();
-        async move {
-            let mut c: async_nats::jetstream::consumer::PullConsumer = released
-                .get_consumer("sharq-sms")
-                .await
-                .map_err(|e| e.to_string())?;
-            let i = c.info().await.map_err(|e| e.to_string())?;
-            match (i.num_pending, i.num_ack_pending) {
-                (0, 5) => Ok(()),
-                n => Err(format!("(pending, ack pending) {n:?}")),
-            }
-        }
-    })
-    .await;
+    wait_all_delivered(&env, 5).await;
     for sharq in [sharq_a, sharq_b] {
         let (code, v) = http_json(sharq, "GET", "/metrics/sms/away/", None).await;
         assert_eq!((code, &v["queue_length"]), (200, &json!(4)), "{v}");
@@ -426,22 +431,7 @@ async fn deletequeue_takes_the_jobs_other_processes_prefetched() {
     // B hands out the campaign's first and holds the other six prefetched.
     let (code, v) = dequeue(sharq_b, "sms", 10_000).await;
     assert_eq!((code, &v["queue_id"]), (200, &json!("campaign")), "{v}");
-    let stream = env.js.get_stream("WEIR_RELEASED").await.unwrap();
-    eventually("B to hold all seven", Duration::from_secs(10), || {
-        let stream = stream.clone();
-        async move {
-            let mut c: async_nats::jetstream::consumer::PullConsumer = stream
-                .get_consumer("sharq-sms")
-                .await
-                .map_err(|e| e.to_string())?;
-            let i = c.info().await.map_err(|e| e.to_string())?;
-            match (i.num_pending, i.num_ack_pending) {
-                (0, 7) => Ok(()),
-                n => Err(format!("(pending, ack pending) {n:?}")),
-            }
-        }
-    })
-    .await;
+    wait_all_delivered(&env, 7).await;
     // Deleted through A; B's four prefetched campaign jobs go with it.
     let purge = json!({"purge_all": false});
     let (code, v) = http_json(
