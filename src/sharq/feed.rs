@@ -2,6 +2,7 @@
 //! their `ack_wait` while they wait, and dead-letters jobs whose requeues are used up.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,9 @@ pub(super) struct Feeder {
     /// under `WEIR_RELEASED` sequence `below`, for deliveries already on their way when the
     /// queue was deleted. Locked only inside `buf`'s lock, so a drop and an arrival never cross.
     pub(super) fences: Mutex<Vec<(String, u64, Instant)>>,
+    /// Whether `fences` has any: an arriving job costs no lock and no clock read without one.
+    /// Written only inside `buf`'s lock.
+    pub(super) fencing: AtomicBool,
     pub(super) arrived: Notify,
     pub(super) room: Notify,
 }
@@ -231,6 +235,7 @@ impl Feeder {
         Feeder {
             buf: Mutex::new(VecDeque::with_capacity(BUFFER)),
             fences: Mutex::new(Vec::new()),
+            fencing: AtomicBool::new(false),
             arrived: Notify::new(),
             room: Notify::new(),
         }
@@ -246,6 +251,7 @@ impl Feeder {
             let now = Instant::now();
             f.retain(|(_, _, until)| *until > now);
             f.push((queue_id.to_string(), below, now + FENCE));
+            self.fencing.store(true, Relaxed);
         }
         let mut dropped = Vec::new();
         b.retain(|r| {
@@ -261,10 +267,14 @@ impl Feeder {
     /// Whether a job of `queue_id` at `seq` belongs to a queue deleted meanwhile. Called with
     /// `buf` locked.
     fn fenced(&self, queue_id: &str, seq: u64) -> bool {
-        let f = self.fences.lock().expect("lock");
+        if !self.fencing.load(Relaxed) {
+            return false;
+        }
+        let mut f = self.fences.lock().expect("lock");
         let now = Instant::now();
-        f.iter()
-            .any(|(q, below, until)| q == queue_id && seq < *below && *until > now)
+        f.retain(|(_, _, until)| *until > now);
+        self.fencing.store(!f.is_empty(), Relaxed);
+        f.iter().any(|(q, below, _)| q == queue_id && seq < *below)
     }
 
     /// The `WEIR_RELEASED` sequences of the buffered jobs of `queue_id`.
