@@ -92,7 +92,8 @@ async fn purge_elsewhere(s: &Shared, queue_id: &str) -> Result<u64, String> {
 }
 
 /// Purges the queue's released jobs stored so far and drops those prefetched by any process;
-/// answers how many went, or why the purge failed.
+/// answers how many the purge deleted (the prefetched ones among them: they were still in the
+/// stream), or why it failed.
 pub async fn purge_released(s: &Shared, queue_type: &str, queue_id: &str) -> Result<u64, String> {
     let below = {
         let mut released = s.released.clone();
@@ -108,7 +109,17 @@ pub async fn purge_released(s: &Shared, queue_type: &str, queue_id: &str) -> Res
         .map_err(|e| e.to_string())?
         .purged;
     let mine = s.dequeue.drop_queue(queue_type, queue_id, below).await;
-    Ok(purged + mine + others(s, queue_type, queue_id, below).await)
+    let theirs = others(s, queue_type, queue_id, below).await;
+    if mine + theirs > 0 {
+        tracing::info!(
+            queue_type,
+            queue_id,
+            here = mine,
+            elsewhere = theirs,
+            "deletequeue: dropped prefetched jobs"
+        );
+    }
+    Ok(purged)
 }
 
 /// Has the other processes drop the queue's prefetched jobs; how many they dropped.
