@@ -28,10 +28,10 @@
 //! The wait for the others' drops is bounded as for metrics ([`super::gather`]): every other
 //! member, or 1 s at most; 200 ms when they cannot be counted. A purge gets [`PURGE_WAIT`].
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::forward::next_request;
@@ -64,31 +64,23 @@ pub async fn purge_key(s: &Shared, queue_id: &str) -> Result<u64, String> {
 }
 
 async fn purge_elsewhere(s: &Shared, queue_id: &str) -> Result<u64, String> {
-    let others = s.forward.others();
-    let nobody =
-        || "no Weir process runs the key's partition now (it is moving); retry".to_string();
-    if others == Some(0) {
-        return Err(nobody());
-    }
-    let mut answers = s
-        .forward
-        .request(SUBJECT, Bytes::from(format!("purge\n{queue_id}")))
+    let body = Bytes::from(format!("purge\n{queue_id}"));
+    let mut outcome = None;
+    s.forward
+        .ask_all(SUBJECT, body, PURGE_WAIT, PURGE_WAIT, |answer| {
+            let text = String::from_utf8_lossy(answer);
+            outcome = match text.split_once('\n') {
+                Some(("purged", n)) => Some(Ok(n.parse().unwrap_or(0))),
+                Some(("failed", why)) => Some(Err(why.to_string())),
+                _ => return ControlFlow::Continue(()),
+            };
+            ControlFlow::Break(())
+        })
         .await
         .map_err(|e| format!("cannot ask the other processes to purge the key: {e}"))?;
-    let deadline = tokio::time::Instant::now() + PURGE_WAIT;
-    let mut nays = 0;
-    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
-        let text = String::from_utf8_lossy(&m.payload);
-        match text.split_once('\n') {
-            Some(("purged", n)) => return Ok(n.parse().unwrap_or(0)),
-            Some(("failed", why)) => return Err(why.to_string()),
-            _ => nays += 1,
-        }
-        if others.is_some_and(|n| nays >= n) {
-            break;
-        }
-    }
-    Err(nobody())
+    outcome.unwrap_or_else(|| {
+        Err("no Weir process runs the key's partition now (it is moving); retry".to_string())
+    })
 }
 
 /// Purges the queue's released jobs stored so far and drops those prefetched by any process;
@@ -124,38 +116,30 @@ pub async fn purge_released(s: &Shared, queue_type: &str, queue_id: &str) -> Res
 
 /// Has the other processes drop the queue's prefetched jobs; how many they dropped.
 async fn others(s: &Shared, queue_type: &str, queue_id: &str, below: u64) -> u64 {
-    let others = s.forward.others();
-    if others == Some(0) {
-        return 0;
-    }
     let body = Bytes::from(format!("drop\n{queue_type}\n{queue_id}\n{below}"));
-    let mut answers = match s.forward.request(SUBJECT, body).await {
-        Ok(a) => a,
+    let mut dropped = 0;
+    let asked = s
+        .forward
+        .ask_all(SUBJECT, body, WAIT, WAIT_UNCOUNTED, |answer| {
+            let n = std::str::from_utf8(answer)
+                .ok()
+                .and_then(|n| n.parse::<u64>().ok());
+            dropped += n.unwrap_or(0);
+            ControlFlow::Continue(())
+        })
+        .await;
+    match asked {
         Err(e) => {
-            tracing::warn!(error = %e, queue_type, queue_id, "cannot ask the other processes to drop a deleted queue's prefetched jobs");
-            return 0;
+            tracing::warn!(error = %e, queue_type, queue_id, "cannot ask the other processes to drop a deleted queue's prefetched jobs")
         }
-    };
-    let deadline = tokio::time::Instant::now() + others.map_or(WAIT_UNCOUNTED, |_| WAIT);
-    let (mut heard, mut dropped) = (0, 0);
-    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
-        heard += 1;
-        dropped += std::str::from_utf8(&m.payload)
-            .ok()
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-        if others.is_some_and(|n| heard >= n) {
-            break;
-        }
-    }
-    if others.is_some_and(|n| heard < n) {
-        tracing::warn!(
-            ?others,
-            heard,
+        Ok(a) if a.missed_some() => tracing::warn!(
+            others = ?a.others,
+            heard = a.heard,
             queue_type,
             queue_id,
             "deletequeue: not every process answered; one that did not may hand out prefetched jobs of the queue"
-        );
+        ),
+        Ok(_) => {}
     }
     dropped
 }

@@ -17,6 +17,7 @@
 //! The fast path is untouched: a finish that reaches the holder costs no NATS message beyond
 //! the ack. A miss costs one request and one reply per other process, no JetStream.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,43 +105,83 @@ impl Forward {
         }
     }
 
-    /// Asks the other processes to finish a job this one does not hold.
-    pub async fn ask(&self, queue_type: &str, queue_id: &str, job_id: &str) -> Finished {
+    /// Sends `body` to the other processes on `subject` and hands each answer to `each`, until
+    /// `each` breaks, every other member has answered, or `wait` is up (`uncounted` when the
+    /// others cannot be counted). With no other member it sends nothing. The one way every
+    /// question to the other processes (finish, metrics, deletequeue) is asked and waited for.
+    pub(super) async fn ask_all(
+        &self,
+        subject: &'static str,
+        body: Bytes,
+        wait: Duration,
+        uncounted: Duration,
+        mut each: impl FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<Asked, async_nats::Error> {
         let others = self.others();
+        let mut asked = Asked { heard: 0, others };
         if others == Some(0) {
-            return Finished::NotHeld;
+            return Ok(asked);
         }
-        let body = Bytes::from(format!("{queue_type}\n{queue_id}\n{job_id}"));
-        let mut answers = match self.request(SUBJECT, body).await {
-            Ok(a) => a,
-            Err(e) => return Finished::Failed(format!("cannot ask the other processes: {e}")),
-        };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let (mut nays, mut failed) = (0, None);
+        let mut answers = self.request(subject, body).await?;
+        let deadline = tokio::time::Instant::now() + others.map_or(uncounted, |_| wait);
         while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
-            match &m.payload[..] {
-                DONE => return Finished::Done,
-                NONE => nays += 1,
-                other => {
-                    nays += 1;
-                    let why =
-                        String::from_utf8_lossy(other.strip_prefix(b"fail:").unwrap_or(other));
-                    failed = Some(why.into_owned());
-                }
-            }
-            if others.is_some_and(|n| nays >= n) {
+            asked.heard += 1;
+            if each(&m.payload).is_break() || others.is_some_and(|n| asked.heard >= n) {
                 break;
             }
         }
+        Ok(asked)
+    }
+
+    /// Asks the other processes to finish a job this one does not hold.
+    pub async fn ask(&self, queue_type: &str, queue_id: &str, job_id: &str) -> Finished {
+        let body = Bytes::from(format!("{queue_type}\n{queue_id}\n{job_id}"));
+        let (mut done, mut failed) = (false, None);
+        let asked = self
+            .ask_all(SUBJECT, body, WAIT, WAIT, |answer| match answer {
+                DONE => {
+                    done = true;
+                    ControlFlow::Break(())
+                }
+                NONE => ControlFlow::Continue(()),
+                other => {
+                    let why =
+                        String::from_utf8_lossy(other.strip_prefix(b"fail:").unwrap_or(other));
+                    failed = Some(why.into_owned());
+                    ControlFlow::Continue(())
+                }
+            })
+            .await;
+        let asked = match asked {
+            Ok(_) if done => return Finished::Done,
+            Ok(a) => a,
+            Err(e) => return Finished::Failed(format!("cannot ask the other processes: {e}")),
+        };
         tracing::debug!(
             queue_type,
             queue_id,
             job_id,
-            ?others,
-            nays,
+            others = ?asked.others,
+            nays = asked.heard,
             "no process holds the job"
         );
         failed.map_or(Finished::NotHeld, Finished::Failed)
+    }
+}
+
+/// How a question to the other processes went ([`Forward::ask_all`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Asked {
+    /// Answers taken.
+    pub heard: usize,
+    /// Other members of the group; `None` when they cannot be counted.
+    pub others: Option<usize>,
+}
+
+impl Asked {
+    /// Whether a member known to be there did not answer in time.
+    pub fn missed_some(&self) -> bool {
+        self.others.is_some_and(|n| self.heard < n)
     }
 }
 

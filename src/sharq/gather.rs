@@ -18,10 +18,10 @@
 //!
 //! One request and one small reply per other process and metrics request; no JetStream.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::counters::{Part, Scope};
@@ -38,39 +38,27 @@ pub const WAIT_UNCOUNTED: Duration = Duration::from_millis(200);
 /// This process's part of `scope`, with every other process's that answers in time.
 pub async fn part(s: &Shared, scope: &Scope) -> Part {
     let mut part = s.counters.part(scope);
-    let others = s.forward.others();
-    if others == Some(0) {
-        return part;
-    }
-    let mut answers = match s
+    let body = Bytes::from(scope.encode());
+    let asked = s
         .forward
-        .request(SUBJECT, Bytes::from(scope.encode()))
-        .await
-    {
-        Ok(a) => a,
+        .ask_all(SUBJECT, body, WAIT, WAIT_UNCOUNTED, |answer| {
+            match serde_json::from_slice::<Part>(answer) {
+                Ok(p) => part.add(p),
+                Err(e) => tracing::warn!(error = %e, "a process answered SHARQ metrics unreadably"),
+            }
+            ControlFlow::Continue(())
+        })
+        .await;
+    match asked {
         Err(e) => {
-            tracing::warn!(error = %e, "cannot ask the other processes for their SHARQ metrics");
-            return part;
+            tracing::warn!(error = %e, "cannot ask the other processes for their SHARQ metrics")
         }
-    };
-    let deadline = tokio::time::Instant::now() + others.map_or(WAIT_UNCOUNTED, |_| WAIT);
-    let mut heard = 0;
-    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
-        heard += 1;
-        match serde_json::from_slice::<Part>(&m.payload) {
-            Ok(p) => part.add(p),
-            Err(e) => tracing::warn!(error = %e, "a process answered SHARQ metrics unreadably"),
-        }
-        if others.is_some_and(|n| heard >= n) {
-            break;
-        }
-    }
-    if others.is_some_and(|n| heard < n) {
-        tracing::warn!(
-            ?others,
-            heard,
+        Ok(a) if a.missed_some() => tracing::warn!(
+            others = ?a.others,
+            heard = a.heard,
             "SHARQ metrics without every process's counts"
-        );
+        ),
+        Ok(_) => {}
     }
     part
 }
